@@ -479,7 +479,8 @@ def image_folder(root, size, cache_dir):
     if not paths:
         raise UserError(f"no images (.jpg, .jpeg, .png) were found under {root}. Point --data at a "
                         f"folder that holds images, at any depth, or use --data toycars.")
-    key = hashlib.sha1(repr([(p, os.path.getsize(p), os.path.getmtime(p)) for p in paths] + [size]).encode())
+    key = hashlib.sha1(repr([(os.path.relpath(p, root), os.path.getsize(p), os.path.getmtime(p)) for p in paths]
+                            + [size]).encode())  # the same folder gives the same key, however it is named
     cache = os.path.join(cache_dir, f"{os.path.basename(os.path.abspath(root))}-{size}-{key.hexdigest()[:12]}.pt")
     if os.path.exists(cache):
         return torch.load(cache, weights_only=True)
