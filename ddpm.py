@@ -160,11 +160,11 @@ def q_posterior(sched, x0, xt, t):
     """Mean and variance of q(x_{t-1} | x_t, x_0), the reverse step that training imitates."""
     beta, alpha = sched.at("beta", t), sched.at("alpha", t)
     alpha_bar, alpha_bar_prev = sched.at("alpha_bar", t), sched.at("alpha_bar", t - 1)
-    # [eq. 7] mu_tilde = sqrt(alpha_bar_{t-1}) beta_t / (1 - alpha_bar_t) x_0
+    # [eq. 7, mean] mu_tilde = sqrt(alpha_bar_{t-1}) beta_t / (1 - alpha_bar_t) x_0
     #                  + sqrt(alpha_t) (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) x_t
     mean = (alpha_bar_prev.sqrt() * beta / (1 - alpha_bar)) * x0 \
         + (alpha.sqrt() * (1 - alpha_bar_prev) / (1 - alpha_bar)) * xt
-    # [eq. 7] beta_tilde = (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) beta_t
+    # [eq. 7, variance] beta_tilde = (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) beta_t
     var = (1 - alpha_bar_prev) / (1 - alpha_bar) * beta
     return mean.to(xt.dtype), var
 
@@ -174,7 +174,7 @@ def q_posterior(sched, x0, xt, t):
 # Any shape-preserving network fits here; this one is the paper's, scaled by Config.
 
 def timestep_embedding(t, dim):
-    """[sec. 3.3] Sinusoidal position embedding of the Transformer: t (B,) -> (B, dim).
+    """Sinusoidal position embedding of the Transformer (paper sec. 4): t (B,) -> (B, dim).
     Frequencies run geometrically from 1 to 1/10000, so nearby t differ in the fast
     components and far-apart t in the slow ones; the MLP after it reads off "how noisy"."""
     half = dim // 2
@@ -323,14 +323,15 @@ def loss_fn(model, sched, x0, generator=None, rank=0, world=1):
     eps = torch.randn((world * B, *x0.shape[1:]), device=x0.device, generator=generator)[mine]
     # [alg. 1, line 5] gradient step on || eps - eps_theta(sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps, t) ||^2
     eps_pred = model(q_sample(sched, x0, t, eps), t)
+    # [eq. 14] L_simple: the squared error, averaged over pixels and batch (the gradient step is the caller's)
     return F.mse_loss(eps_pred.float(), eps)
 
 
 @torch.no_grad()
 def ema_update(ema, model, decay):
     """EMA of the weights (sec. 4: decay 0.9999): theta_ema <- decay theta_ema + (1 - decay) theta."""
-    ema_p, p = list(ema.parameters()), list(model.parameters())
-    torch._foreach_lerp_(ema_p, p, 1 - decay)
+    # [sec. 4, EMA] one fused op over all tensors: theta_ema += (1 - decay) (theta - theta_ema)
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -353,11 +354,11 @@ def p_sample(model, sched, xt, t, generator=None, var="beta"):
     # [alg. 2, line 4] mean = 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - alpha_bar_t) eps_theta), which
     # equals the posterior mean [eq. 7] at x_0 = predict_x0(); going through x_0 lets us clip it.
     mean, beta_tilde = q_posterior(sched, predict_x0(sched, xt, tt, eps_pred), xt, tt)
-    # sigma_t^2 = beta_t (the paper's choice) or beta_tilde_t (eq. 7); sec. 3.2 found both similar.
+    # [sec. 3.2] sigma_t^2 = beta_t (the paper's choice) or beta_tilde_t (eq. 7): both gave similar samples
     sigma2 = sched.at("beta", tt) if var == "beta" else beta_tilde
+    # [alg. 2, line 3] z ~ N(0, I) if t > 1, else z = 0: the last step adds no noise, x_0 is the mean
     if t == 0:
-        return mean  # [alg. 2, line 3] z = 0 at the last step: x_0 is the mean, no noise added
-    # [alg. 2, line 3-4] z ~ N(0, I); x_{t-1} = mean + sigma_t z
+        return mean
     return (mean + sigma2.sqrt() * torch.randn(xt.shape, device=xt.device, generator=generator)).to(xt.dtype)
 
 
@@ -856,6 +857,11 @@ def build_parser():
     s.add_argument("--individual", metavar="DIR", help="also write each image as DIR/00000.png, ...")
     s.add_argument("--raw", action="store_true", help="use the raw weights instead of their EMA")
     s.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
+    v = sub.add_parser("visualize", help="draw the pictures of the docs from a run (plots.py, needs matplotlib)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    v.add_argument("--ckpt", help="checkpoint file; default: the newest runs/*/ckpt.pt")
+    v.add_argument("--out", default="assets", help="folder for the pictures")
+    v.add_argument("--seed", type=int, default=0, help="seed of the images and the starting noise")
     return p
 
 
@@ -869,6 +875,12 @@ def main(argv=None):
             if args.n < 1 or args.steps < 1:
                 raise UserError("--n and --steps must be at least 1.")
             sample(args)
+        elif args.command == "visualize":
+            try:
+                import plots
+            except ImportError as e:
+                raise UserError(f"visualize needs matplotlib ({e}); pip install matplotlib") from None
+            plots.visualize(args.ckpt or latest_checkpoint(), args.out, args.seed)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -1,0 +1,136 @@
+"""The pictures of the README and docs/walkthrough.md, drawn from a real run by `python ddpm.py visualize`.
+
+Kept out of ddpm.py, which holds the model and its math; this file only calls into it.
+"""
+
+import csv, os
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no screen needed
+import matplotlib.pyplot as plt
+import torch
+from PIL import Image
+
+import ddpm
+
+
+def schedule_plot(T, path):
+    """Top: alpha_bar, sqrt(alpha_bar) and sqrt(1 - alpha_bar) over t; bottom: beta and the posterior
+    variance beta_tilde, log scale. The paper's linear schedule on the left, the cosine one on the right."""
+    fig, axes = plt.subplots(2, 2, figsize=(11, 6), sharex=True)
+    for j, (name, beta) in enumerate([("linear (Ho et al.)", ddpm.linear_beta(T)), ("cosine (Nichol & Dhariwal)", ddpm.cosine_beta(T))]):
+        sched, t = ddpm.Schedule(beta), torch.arange(T)
+        ab, ab_prev = sched.alpha_bar, sched.at("alpha_bar", t - 1).flatten()
+        for values, label in [(ab, "alpha_bar_t"), (ab.sqrt(), "sqrt(alpha_bar_t): how much signal"),
+                              ((1 - ab).sqrt(), "sqrt(1 - alpha_bar_t): how much noise")]:
+            axes[0, j].plot(t + 1, values, label=label)
+        axes[1, j].plot(t + 1, sched.beta, label="beta_t")
+        axes[1, j].plot(t[1:] + 1, ((1 - ab_prev) / (1 - ab) * sched.beta)[1:], "--", label="beta_tilde_t (eq. 7)")
+        axes[0, j].set_title(f"{name}, T = {T}")
+        axes[1, j].set(yscale="log", xlabel="t")
+        for ax in axes[:, j]:
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def forward_plot(sched, images, path, steps=(0, 49, 99, 199, 399, 599, 799, 999)):
+    """Rows: training images; columns: x_t = q_sample(x_0, t) at several t (index 0 is one step of noise)."""
+    x0 = ddpm.get_batch(images, torch.arange(len(images)), torch.zeros(len(images), dtype=torch.bool))
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    steps = [s for s in steps if s < sched.T]
+    cols = [x0] + [ddpm.q_sample(sched, x0, torch.full((len(x0),), s), eps) for s in steps]
+    strip_plot(cols, ["x_0"] + [f"t = {s + 1}" for s in steps], path, "forward process q(x_t | x_0) [eq. 4]")
+
+
+def strip_plot(columns, titles, path, title):
+    """columns: list of (N, 3, H, W) tensors in [-1, 1], drawn as an N-row grid with titled columns."""
+    n = len(columns[0])
+    fig, axes = plt.subplots(n, len(columns), figsize=(1.2 * len(columns), 1.2 * n + 0.4), squeeze=False)
+    for j, col in enumerate(columns):
+        for i in range(n):
+            axes[i, j].imshow(to_uint8(col[i]))
+            axes[i, j].axis("off")
+        axes[0, j].set_title(titles[j], fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def to_uint8(x):
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+
+
+def loss_plot(log_path, path, title):
+    with open(log_path) as f:
+        rows = list(csv.DictReader(f))
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([int(r["step"]) for r in rows], [float(r["loss"]) for r in rows])
+    ax.set(yscale="log", xlabel="training step", ylabel="L_simple (mean over the log interval)", title=title)
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def gif(frames, path, scale=4):
+    """frames: list of (N, 3, H, W) in [-1, 1] -> an animated GIF of their grids, the last frame held."""
+    from torchvision.utils import make_grid
+    images = []
+    for x in frames:
+        grid = make_grid((x.float().clamp(-1, 1) + 1) / 2, nrow=int(len(x) ** 0.5), padding=1)
+        img = Image.fromarray(grid.mul(255).round().byte().permute(1, 2, 0).numpy())
+        images.append(img.resize((img.width * scale, img.height * scale), Image.NEAREST))
+    images[0].save(path, save_all=True, append_images=images[1:] + [images[-1]] * 15, duration=60, loop=0)
+
+
+def visualize(ckpt_path, out_dir, seed=0, n=36):
+    """Every picture of the docs, from the run whose checkpoint is ckpt_path."""
+    ckpt = ddpm.load_checkpoint(ckpt_path)
+    cfg = ddpm.config_from_checkpoint(ckpt)
+    run_dir, step = os.path.dirname(ckpt_path), ckpt["step"]
+    what = f"{cfg.data}, {cfg.image_size}x{cfg.image_size}, preset {cfg.preset}, step {step}"
+    ddpm.writable_dir(out_dir)
+    out = lambda name: os.path.join(out_dir, name)
+    schedule_plot(cfg.T, out("schedule.png"))
+    sched = ddpm.Schedule.from_config(cfg)
+    images = ddpm.load_data(cfg)
+    forward_plot(sched, images[torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:4]], out("forward.png"))
+    if os.path.exists(os.path.join(run_dir, "log.csv")):
+        loss_plot(os.path.join(run_dir, "log.csv"), out("loss.png"), f"training loss: {what}")
+    models = {}
+    for key in ("ema", "model"):
+        models[key] = ddpm.UNet(cfg)
+        ddpm.load_weights(models[key], ckpt[key], ckpt_path)
+        models[key].eval()
+    autocast = torch.autocast("cpu", torch.bfloat16, enabled=ddpm.use_bf16("auto", torch.device("cpu")))
+    with torch.inference_mode(), autocast:
+        # The reverse process, x_T -> x_0, kept every T/50 steps for the GIF and at 8 steps for the strip.
+        keep = sorted(set(range(0, cfg.T + 1, max(1, cfg.T // 50))) | {cfg.T})
+        shown = [cfg.T] + [round(cfg.T * f) for f in (0.8, 0.6, 0.4, 0.3, 0.2, 0.1, 0.05)] + [0]
+        x, traj = ddpm.p_sample_loop(models["ema"], sched, (16, 3, cfg.image_size, cfg.image_size),
+                                     torch.Generator().manual_seed(seed), keep=set(keep) | set(shown))
+        strip_plot([traj[s][:4] for s in shown], [f"x_{s}" for s in shown], out("reverse.png"),
+                   f"reverse process p_theta, Algorithm 2 ({what})")
+        gif([traj[s] for s in sorted(keep, reverse=True)], out("reverse.gif"))
+        grids = {}
+        for key, model in models.items():  # the same starting noise for both
+            grids[key], _ = ddpm.p_sample_loop(model, sched, (n, 3, cfg.image_size, cfg.image_size),
+                                               torch.Generator().manual_seed(seed + 1))
+    strip = lambda g: to_uint8(torch.cat([torch.cat(list(g[r * 6:(r + 1) * 6]), 2) for r in range(len(g) // 6)], 1))
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4.9))
+    for ax, (key, label) in zip(axes, [("ema", f"EMA weights (decay {cfg.ema_decay})"), ("model", "raw weights")]):
+        ax.imshow(strip(grids[key]))
+        ax.set_title(label, fontsize=10)
+        ax.axis("off")
+    fig.suptitle(f"Algorithm 2, {cfg.T} steps, same noise; {what}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out("ema_vs_raw.png"), dpi=110)
+    plt.close(fig)
+    ddpm.save_grid(grids["ema"], out("samples.png"), nrow=6)
+    print(f"wrote schedule.png, forward.png, reverse.png, reverse.gif, loss.png, ema_vs_raw.png and "
+          f"samples.png to {out_dir} ({what})")
