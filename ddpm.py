@@ -23,6 +23,7 @@ Time index, stated once: the paper counts t = 1..T; this code stores step t at i
 import argparse, csv, hashlib, math, os, pickle, random, signal, sys, time
 from copy import deepcopy
 from dataclasses import asdict, dataclass, field, fields
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
@@ -636,6 +637,45 @@ def lr_at(step, cfg):
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - cfg.warmup) / (cfg.steps - cfg.warmup + 1)))
 
 
+def setup(cfg, device, ddp=False, local_rank=0):
+    """Everything a training step needs: U-Net, its EMA copy, Adam, schedule, random generators."""
+    torch.manual_seed(cfg.seed)
+    s = SimpleNamespace(cfg=cfg, sched=Schedule.from_config(cfg).to(device), model=UNet(cfg).to(device))
+    bf16 = use_bf16(cfg.precision, device)
+    if device.type == "cuda" or (device.type == "cpu" and not bf16):
+        # NHWC lets cuDNN and oneDNN skip layout conversions around every conv (bench.py: 1.2x for fp32
+        # on a CPU); oneDNN's bf16 kernels measured faster in the default layout, so they keep it.
+        s.model = s.model.to(memory_format=torch.channels_last)
+    s.ema = deepcopy(s.model).eval().requires_grad_(False)
+    try:  # one fused kernel for all parameters: 3.6x faster than the per-tensor loop on a CPU
+        s.opt = torch.optim.Adam(s.model.parameters(), lr=cfg.lr, fused=device.type in ("cuda", "cpu"))
+    except RuntimeError:  # torch < 2.4 has no fused Adam on the CPU
+        s.opt = torch.optim.Adam(s.model.parameters(), lr=cfg.lr)
+    s.data_gen = torch.Generator().manual_seed(cfg.seed)  # which images, which flips
+    s.noise_gen = torch.Generator(device).manual_seed(cfg.seed)  # t and eps
+    s.net = torch.nn.parallel.DistributedDataParallel(s.model, [local_rank] if device.type == "cuda" else None) if ddp else s.model
+    s.net = torch.compile(s.net) if cfg.compile else s.net
+    s.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    return s
+
+
+def train_step(s, x0, step, rank=0, world=1):
+    """One optimizer step of Algorithm 1 on the batch x0: loss, backward, clip, Adam, EMA.
+    Returns the loss as a tensor: reading it (.item()) would make a GPU wait, so the loop does it rarely."""
+    for group in s.opt.param_groups:
+        group["lr"] = lr_at(step, s.cfg)
+    with s.autocast:
+        loss = loss_fn(s.net, s.sched, x0, s.noise_gen, rank, world)
+    s.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if s.cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(s.model.parameters(), s.cfg.grad_clip)
+    s.opt.step()
+    # EMA decay ramps up as (1 + step) / (10 + step), so short runs do not average in the random init.
+    ema_update(s.ema, s.model, min(s.cfg.ema_decay, (1 + step) / (10 + step)))
+    return loss.detach()
+
+
 def train(cfg, resume=False):
     # Under torchrun each process is one rank; each computes its share of every global batch and
     # DistributedDataParallel averages the gradients, so N ranks train like one with the same batch.
@@ -649,14 +689,9 @@ def train(cfg, resume=False):
     master, B = rank == 0, cfg.batch_size // world
     out_dir = writable_dir(cfg.out_dir or os.path.join("runs", cfg.preset)) if master else cfg.out_dir
     ckpt_path = os.path.join(out_dir or os.path.join("runs", cfg.preset), "ckpt.pt")
-    torch.manual_seed(cfg.seed)
     data = load_data(cfg).to(device)
-    sched = Schedule.from_config(cfg).to(device)
-    model = UNet(cfg).to(device)
-    ema = deepcopy(model).eval().requires_grad_(False)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, **({"fused": True} if device.type == "cuda" else {}))
-    data_gen = torch.Generator().manual_seed(cfg.seed)  # which images, which flips
-    noise_gen = torch.Generator(device).manual_seed(cfg.seed)  # t and eps
+    s = setup(cfg, device, ddp, local_rank)
+    model, ema, opt, data_gen, noise_gen = s.model, s.ema, s.opt, s.data_gen, s.noise_gen
     step = 0
     if resume:
         ckpt = load_checkpoint(ckpt_path)
@@ -667,9 +702,6 @@ def train(cfg, resume=False):
         torch.set_rng_state(ckpt["rng"]["torch"])
         data_gen.set_state(ckpt["rng"]["data"])
         noise_gen.set_state(ckpt["rng"]["noise"])
-    net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None) if ddp else model
-    net = torch.compile(net) if cfg.compile else net
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16(cfg.precision, device))
 
     def save(step):
         rng = {"torch": torch.get_rng_state(), "data": data_gen.get_state(), "noise": noise_gen.get_state()}
@@ -687,21 +719,10 @@ def train(cfg, resume=False):
     loss_sum, n_sum, tic = torch.zeros((), device=device), 0, time.time()
     while step < cfg.steps and not stop:
         step += 1
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg)
         idx = torch.randint(len(data), (cfg.batch_size,), generator=data_gen)[rank * B:(rank + 1) * B]
         flip = (torch.rand(cfg.batch_size, generator=data_gen) < 0.5)[rank * B:(rank + 1) * B]
         x0 = get_batch(data, idx.to(device), flip.to(device))  # [alg. 1, line 2] x_0 ~ q(x_0)
-        with autocast:
-            loss = loss_fn(net, sched, x0, noise_gen, rank, world)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        # EMA decay ramps up as (1 + step) / (10 + step), so short runs do not average in the random init.
-        ema_update(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))
-        loss_sum += loss.detach()
+        loss_sum += train_step(s, x0, step, rank, world)
         n_sum += 1
         bar.update(1)
         if step % cfg.log_every == 0 or step % cfg.ckpt_every == 0 or step == cfg.steps:
@@ -715,7 +736,7 @@ def train(cfg, resume=False):
                 log.write(step, mean_loss, lr_at(step, cfg), speed)
             loss_sum, n_sum, tic = torch.zeros((), device=device), 0, time.time()
         if master and (step % cfg.sample_every == 0 or step == cfg.steps):
-            x, _ = ddim_sample(ema, sched, (64, 3, cfg.image_size, cfg.image_size), steps=50, eta=1.0,
+            x, _ = ddim_sample(ema, s.sched, (64, 3, cfg.image_size, cfg.image_size), steps=50, eta=1.0,
                                generator=torch.Generator(device).manual_seed(cfg.seed), device=device)
             os.makedirs(os.path.join(out_dir, "samples"), exist_ok=True)
             save_grid(x, os.path.join(out_dir, "samples", f"step{step:07d}.png"))
