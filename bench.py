@@ -10,8 +10,8 @@ ddpm.setup() and times ddpm.train_step(), the very code `ddpm.py train` runs, th
 (ddpm.p_sample) on the EMA model. Warm-up first, then the median of several timed runs and their
 spread. FLOPs are counted by torch.utils.flop_counter on one forward pass; a training step is counted
 as 3 forward passes (the backward pass costs about twice the forward). The peak is measured at start:
-a 3x3 convolution of U-Net shape and a large matmul, fp32 and bf16. On a CPU, other processes'
-CPU use during a row is measured from /proc/stat, and rows where it passed 10% are flagged.
+3x3 convolutions of U-Net shape (the fastest is the peak) and a large matmul, fp32 and bf16. On a CPU,
+other processes' CPU use during a row is measured from /proc/stat; rows where it passed 10% are flagged.
 """
 
 import argparse, json, os, resource, statistics, subprocess, sys, time
@@ -65,16 +65,21 @@ class CpuWatch:
 
 
 def peak(device, dtype, quick):
-    """GFLOP/s of a 3x3 conv (B=32, 128 -> 128 channels, 32x32, as in paper32) and of a square matmul."""
+    """GFLOP/s of the fastest of paper32's 3x3 convolution shapes (batch 32: 128 channels at 32x32, 256 at
+    16x16 and 8x8) and of a square matmul. The best shape, not the average, so fractions are conservative."""
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
-    conv = torch.nn.Conv2d(128, 128, 3, padding=1).to(device)
-    x = torch.randn(8 if quick else 32, 128, 32, 32, device=device)
+    best_conv = 0.0
+    for c, hw in ((128, 32), (256, 16), (256, 8)):
+        conv = torch.nn.Conv2d(c, c, 3, padding=1).to(device)
+        x = torch.randn(8 if quick else 32, c, hw, hw, device=device)
+        with torch.no_grad(), autocast:
+            t = statistics.median(timed(lambda: conv(x), device, 2, 3 if quick else 10))
+        best_conv = max(best_conv, 2 * x.numel() * c * 9 / t / 1e9)
     n = 512 if quick else (2048 if device.type == "cpu" else 8192)
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     with torch.no_grad(), autocast:
-        t_conv = statistics.median(timed(lambda: conv(x), device, 2, 3 if quick else 10))
         t_mm = statistics.median(timed(lambda: a @ b, device, 2, 3 if quick else 10))
-    return 2 * x.numel() * 128 * 9 / t_conv / 1e9, 2 * n ** 3 / t_mm / 1e9
+    return best_conv, 2 * n ** 3 / t_mm / 1e9
 
 
 def row(spec):
@@ -82,14 +87,11 @@ def row(spec):
     device = ddpm.pick_device(spec["device"])
     overrides = {k: spec[k] for k in ("batch_size", "image_size") if spec.get(k)}
     cfg = ddpm.make_config(spec["preset"], device=device.type, precision=spec["precision"], compile=spec["compile"], **overrides)
-    s = ddpm.setup(cfg, device)
-    if spec["channels_last"]:
-        s.model.to(memory_format=torch.channels_last)
+    s = ddpm.setup(cfg, device)  # picks the memory layout too (channels_last for fp32 on CPU, and on CUDA)
+    channels_last = s.model.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     B, size = cfg.batch_size, cfg.image_size
     data = ddpm.toycars(B, size).to(device)
     x0 = ddpm.get_batch(data, torch.arange(B, device=device), torch.zeros(B, dtype=torch.bool, device=device))
-    if spec["channels_last"]:
-        x0 = x0.contiguous(memory_format=torch.channels_last)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         s.model(x0[:1], torch.zeros(1, dtype=torch.long, device=device))
     fwd_flops = counter.get_total_flops()
@@ -106,18 +108,25 @@ def row(spec):
     with torch.inference_mode(), s.autocast, CpuWatch() as watch2:
         xt = torch.randn_like(x0)
         sample = timed(lambda: ddpm.p_sample(s.ema, s.sched, xt, 500 % cfg.T), device, 1, 2 if quick else 5)
+    loops = {}
+    if spec.get("loops"):  # whole samplers, batch 8: Algorithm 2 (T network calls) against DDIM (50)
+        with torch.inference_mode(), s.autocast:
+            for name, fn in (("ddpm_loop_s", lambda: ddpm.p_sample_loop(s.ema, s.sched, (8, 3, size, size), device=device)),
+                             ("ddim50_loop_s", lambda: ddpm.ddim_sample(s.ema, s.sched, (8, 3, size, size), 50, device=device))):
+                loops[name] = round(statistics.median(timed(fn, device, 0, 1 if name == "ddpm_loop_s" else 3)), 2)
+        loops["ddim50_speedup"] = round(loops["ddpm_loop_s"] / loops["ddim50_loop_s"], 1)
     med, ms = statistics.median(train), statistics.median(sample)
     mem = torch.cuda.max_memory_allocated() if device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     other = max(w for w in (watch.other, watch2.other) if w is not None) if watch.other is not None else None
     return dict(preset=cfg.preset, device=str(device), precision="bf16" if ddpm.use_bf16(cfg.precision, device) else "fp32",
-                compile=cfg.compile, channels_last=spec["channels_last"], batch=B, image_size=size,
+                compile=cfg.compile, channels_last=channels_last, batch=B, image_size=size,
                 params_M=round(sum(p.numel() for p in s.model.parameters()) / 1e6, 2),
                 fwd_GFLOP_per_img=round(fwd_flops / 1e9, 3),
                 train_img_s=round(B / med, 1), train_spread_pct=round(100 * (max(train) - min(train)) / med, 1),
                 train_GFLOP_s=round(3 * fwd_flops * B / med / 1e9, 1),
                 sample_img_steps_s=round(B / ms, 1), sample_spread_pct=round(100 * (max(sample) - min(sample)) / ms, 1),
                 peak_mem_GB=round(mem / 2 ** 30, 2), first_step_s=round(t_compile, 1),
-                other_cpu_pct=None if other is None else round(100 * other, 1))
+                other_cpu_pct=None if other is None else round(100 * other, 1), **loops)
 
 
 def main():
@@ -127,9 +136,9 @@ def main():
     p.add_argument("--precision", nargs="+", default=None, choices=["fp32", "bf16"],
                    help="default: fp32, plus bf16 where the device has bf16 units")
     p.add_argument("--compile", action="store_true", help="also rows with torch.compile")
-    p.add_argument("--channels-last", action="store_true", help="also rows in channels_last memory format")
     p.add_argument("--batch-size", type=int, help="override the presets' batch size")
     p.add_argument("--image-size", type=int, help="override the presets' image size")
+    p.add_argument("--loops", action="store_true", help="also time whole samplers: DDPM (T steps) vs DDIM (50 steps), batch 8")
     p.add_argument("--quick", action="store_true", help="few repeats, small batch: a smoke test")
     p.add_argument("--json", action="store_true", help="also print one JSON line per row")
     p.add_argument("--row", help=argparse.SUPPRESS)  # internal: measure one row, print its JSON
@@ -153,22 +162,23 @@ def main():
             "train_spread_pct", "train_GFLOP_s", "pct_conv_peak", "sample_img_steps_s", "peak_mem_GB", "first_step_s", "other_cpu_pct"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     print(lines[0] + "\n" + lines[1], flush=True)
-    for preset in args.preset:
-        for prec in precisions:
-            for compile_ in ([False, True] if args.compile else [False]):
-                for cl in ([False, True] if args.channels_last else [False]):
-                    spec = dict(preset=preset, device=args.device, precision=prec, compile=compile_, channels_last=cl,
-                                batch_size=args.batch_size or (8 if args.quick else None), image_size=args.image_size, quick=args.quick)
-                    r = subprocess.run([sys.executable, __file__, "--row", json.dumps(spec)], capture_output=True, text=True)
-                    if r.returncode:
-                        print(f"| {preset} | {prec} | {compile_} | {cl} | failed: {r.stderr.strip().splitlines()[-1]} |")
-                        continue
-                    res = json.loads(r.stdout.strip().splitlines()[-1])
-                    res["pct_conv_peak"] = round(100 * res["train_GFLOP_s"] / peaks[prec][0], 1)
-                    flag = " (contended)" if (res["other_cpu_pct"] or 0) > 10 else ""
-                    print("| " + " | ".join(str(res[c]) for c in cols) + f" |{flag}", flush=True)
-                    if args.json:
-                        print(json.dumps({**res, "peak_conv_GFLOP_s": round(peaks[prec][0], 1), "machine": name}), flush=True)
+    rows = [(preset, prec, c) for preset in args.preset for prec in precisions for c in ([False, True] if args.compile else [False])]
+    for preset, prec, compile_ in rows:
+        spec = dict(preset=preset, device=args.device, precision=prec, compile=compile_, quick=args.quick, loops=args.loops,
+                    batch_size=args.batch_size or (8 if args.quick else None), image_size=args.image_size)
+        r = subprocess.run([sys.executable, __file__, "--row", json.dumps(spec)], capture_output=True, text=True)
+        if r.returncode:
+            print(f"| {preset} | {prec} | {compile_} | failed: {(r.stderr.strip().splitlines() or ['?'])[-1]} |")
+            continue
+        res = json.loads(r.stdout.strip().splitlines()[-1])
+        res["pct_conv_peak"] = round(100 * res["train_GFLOP_s"] / peaks[prec][0], 1)
+        flag = " (contended)" if (res["other_cpu_pct"] or 0) > 10 else ""
+        print("| " + " | ".join(str(res[c]) for c in cols) + f" |{flag}", flush=True)
+        if args.loops:
+            print(f"#   {preset} {prec}: DDPM {res['ddpm_loop_s']} s for T steps, DDIM {res['ddim50_loop_s']} s for 50 "
+                  f"steps, batch 8: DDIM is {res['ddim50_speedup']}x faster", flush=True)
+        if args.json:
+            print(json.dumps({**res, "peak_conv_GFLOP_s": round(peaks[prec][0], 1), "machine": name}), flush=True)
 
 
 def cpu_name():

@@ -77,7 +77,7 @@ def loss_plot(log_path, path, title):
     plt.close(fig)
 
 
-def gif(frames, path, scale=4):
+def gif(frames, path, scale=3):
     """frames: list of (N, 3, H, W) in [-1, 1] -> an animated GIF of their grids, the last frame held."""
     from torchvision.utils import make_grid
     images = []
@@ -110,13 +110,13 @@ def visualize(ckpt_path, out_dir, seed=0, n=36):
     autocast = torch.autocast("cpu", torch.bfloat16, enabled=ddpm.use_bf16("auto", torch.device("cpu")))
     with torch.inference_mode(), autocast:
         # The reverse process, x_T -> x_0, kept every T/50 steps for the GIF and at 8 steps for the strip.
-        keep = sorted(set(range(0, cfg.T + 1, max(1, cfg.T // 50))) | {cfg.T})
+        keep = sorted(set(range(0, cfg.T + 1, max(1, cfg.T // 40))) | {cfg.T})
         shown = [cfg.T] + [round(cfg.T * f) for f in (0.8, 0.6, 0.4, 0.3, 0.2, 0.1, 0.05)] + [0]
         x, traj = ddpm.p_sample_loop(models["ema"], sched, (16, 3, cfg.image_size, cfg.image_size),
                                      torch.Generator().manual_seed(seed), keep=set(keep) | set(shown))
         strip_plot([traj[s][:4] for s in shown], [f"x_{s}" for s in shown], out("reverse.png"),
                    f"reverse process p_theta, Algorithm 2 ({what})")
-        gif([traj[s] for s in sorted(keep, reverse=True)], out("reverse.gif"))
+        gif([traj[s][:9] for s in sorted(keep, reverse=True)], out("reverse.gif"))
         grids = {}
         for key, model in models.items():  # the same starting noise for both
             grids[key], _ = ddpm.p_sample_loop(model, sched, (n, 3, cfg.image_size, cfg.image_size),
