@@ -742,8 +742,9 @@ def train(cfg, resume=False):
             loss_sum, n_sum, tic = torch.zeros((), device=device), 0, time.time()
         paused = time.time()  # previews and checkpoints do not count towards images/s
         if master and (step % cfg.sample_every == 0 or step == cfg.steps):
-            x, _ = ddim_sample(ema, s.sched, (64, 3, cfg.image_size, cfg.image_size), steps=50, eta=1.0,
-                               generator=torch.Generator(device).manual_seed(cfg.seed), device=device)
+            with s.autocast:
+                x, _ = ddim_sample(ema, s.sched, (64, 3, cfg.image_size, cfg.image_size), steps=50, eta=1.0,
+                                   generator=torch.Generator(device).manual_seed(cfg.seed), device=device)
             os.makedirs(os.path.join(out_dir, "samples"), exist_ok=True)
             save_grid(x, os.path.join(out_dir, "samples", f"step{step:07d}.png"))
         if master and (step % cfg.ckpt_every == 0 or step == cfg.steps):
