@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
-from PIL import Image, ImageDraw, ImageFile
+from PIL import Image, ImageDraw
 
 
 class UserError(Exception):
@@ -487,10 +487,12 @@ def image_folder(root, size, cache_dir):
                             + [size]).encode())  # the same folder gives the same key, however it is named
     cache = os.path.join(cache_dir, f"{os.path.basename(os.path.abspath(root))}-{size}-{key.hexdigest()[:12]}.pt")
     if os.path.exists(cache):
-        return torch.load(cache, weights_only=True)
+        try:
+            return torch.load(cache, weights_only=True)
+        except Exception:  # a damaged cache is only a lost shortcut: decode again and rewrite it
+            pass
     from tqdm import tqdm
     images, bad = [], []
-    ImageFile.LOAD_TRUNCATED_IMAGES = False
     for p in tqdm(paths, desc=f"decoding {len(paths)} images once", unit="img"):
         try:
             images.append(torch.frombuffer(bytearray(load_image(p, size).tobytes()), dtype=torch.uint8))

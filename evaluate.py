@@ -8,7 +8,7 @@
   held-out images.
 """
 
-import importlib.util, json, math, os, time
+import importlib.util, json, math, os, time, warnings
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +26,9 @@ def inception():
     path = os.path.join(spec.submodule_search_locations[0], "default_1.pt") if spec else None
     if not path or not os.path.isfile(path):
         return None
-    return torch.jit.load(path, map_location="cpu").eval()
+    with warnings.catch_warnings():  # torch 2.9+ flags TorchScript as deprecated; loading still works
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.jit.load(path, map_location="cpu").eval()
 
 
 def inception_features(net, images, batch=50, device="cpu", desc="Inception features"):
