@@ -529,3 +529,13 @@ def test_nearest_distance_finds_an_exact_copy():
     data = ddpm.toycars(20, 16)
     d = evaluate.nearest_distance(data[:5], data)
     assert torch.equal(d, torch.zeros(5)) and (evaluate.nearest_distance(ddpm.toycars(5, 16, seed=3), data) > 0.5).all()
+
+
+def test_bench_quick_runs_and_prints_the_table():
+    r = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "--quick", "--preset", "tiny", "--precision", "fp32", "--json"],
+                       capture_output=True, text=True, timeout=300, cwd=HERE)
+    assert r.returncode == 0, r.stderr
+    assert "measured peak fp32" in r.stdout and "| tiny | fp32 |" in r.stdout and "failed" not in r.stdout
+    import json
+    row = json.loads([l for l in r.stdout.splitlines() if l.startswith("{")][0])
+    assert row["params_M"] == 1.11 and row["train_img_s"] > 0 and row["fwd_GFLOP_per_img"] == pytest.approx(0.5, abs=0.01)
