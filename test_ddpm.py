@@ -432,7 +432,7 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path):
     # Gloo on the CPU: two ranks of 4 images each must train like one process with 8 (fp32: bf16 would
     # round differently for batches of 4 and 8, and Adam magnifies that in its near-zero gradients).
     common = [*SMALL, "--device", "cpu", "--steps", "3", "--dropout", "0", "--precision", "fp32"]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                 os.path.join(HERE, "ddpm.py"), "train", *common, "--out-dir", "ddp"]
     r = subprocess.run(torchrun, cwd=tmp_path, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
