@@ -758,11 +758,18 @@ def train(cfg, resume=False):
         print(f"\ninterrupted: saved step {step} to {ckpt_path}; continue with the same command and --resume",
               file=sys.stderr)
         sys.exit(130)
-    if ddp:  # DDP keeps the ranks in step; check it once: the largest weight gap between any two ranks
+    if ddp:
+        # DDP keeps the ranks in step; check it once: the largest weight gap between any two ranks. The
+        # check runs on a process group of its own that is deleted right after, which waits for Gloo's
+        # worker threads: DDP keeps the main group alive until interpreter exit, and a worker still
+        # freeing an all-reduce of Python tensors then aborts the process (SIGABRT after a good run).
+        group = torch.distributed.new_group()
         flat = torch.cat([p.detach().flatten() for p in model.parameters()])
         hi, lo = flat.clone(), flat.clone()
-        torch.distributed.all_reduce(hi, torch.distributed.ReduceOp.MAX)
-        torch.distributed.all_reduce(lo, torch.distributed.ReduceOp.MIN)
+        torch.distributed.all_reduce(hi, torch.distributed.ReduceOp.MAX, group=group)
+        torch.distributed.all_reduce(lo, torch.distributed.ReduceOp.MIN, group=group)
+        torch.distributed.destroy_process_group(group)
+        del group
         if master:
             print(f"{world} ranks agree: largest weight difference between ranks {(hi - lo).max().item():.3g}")
         torch.distributed.destroy_process_group()

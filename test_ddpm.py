@@ -436,7 +436,8 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path):
                 os.path.join(HERE, "ddpm.py"), "train", *common, "--out-dir", "ddp"]
     r = subprocess.run(torchrun, cwd=tmp_path, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stderr[-2000:]
+    # torchrun's own traceback fills the end of stderr; a rank's message (e.g. "terminate called ...") comes before it
+    assert r.returncode == 0, r.stderr[-8000:]
     assert "2 ranks agree: largest weight difference between ranks 0" in r.stdout
     assert cli("train", *common, "--out-dir", "one", cwd=tmp_path).returncode == 0
     a, b = weights(tmp_path / "ddp" / "ckpt.pt"), weights(tmp_path / "one" / "ckpt.pt")
