@@ -85,7 +85,7 @@ def peak(device, dtype, quick):
 def row(spec):
     """Measure one configuration; spec is a dict of bench flags. Runs in its own process."""
     device = ddpm.pick_device(spec["device"])
-    overrides = {k: spec[k] for k in ("batch_size", "image_size") if spec.get(k)}
+    overrides = {k: spec[k] for k in ("batch_size", "image_size", "micro_batch") if spec.get(k)}
     cfg = ddpm.make_config(spec["preset"], device=device.type, precision=spec["precision"], compile=spec["compile"], **overrides)
     s = ddpm.setup(cfg, device)  # picks the memory layout too (channels_last for fp32 on CPU, and on CUDA)
     channels_last = s.model.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
@@ -119,7 +119,7 @@ def row(spec):
     mem = torch.cuda.max_memory_allocated() if device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     other = max(w for w in (watch.other, watch2.other) if w is not None) if watch.other is not None else None
     return dict(preset=cfg.preset, device=str(device), precision="bf16" if ddpm.use_bf16(cfg.precision, device) else "fp32",
-                compile=cfg.compile, channels_last=channels_last, batch=B, image_size=size,
+                compile=cfg.compile, channels_last=channels_last, batch=B, micro_batch=min(s.micro or B, B), image_size=size,
                 params_M=round(sum(p.numel() for p in s.model.parameters()) / 1e6, 2),
                 fwd_GFLOP_per_img=round(fwd_flops / 1e9, 3),
                 train_img_s=round(B / med, 1), train_spread_pct=round(100 * (max(train) - min(train)) / med, 1),
@@ -138,6 +138,8 @@ def main():
     p.add_argument("--compile", action="store_true", help="also rows with torch.compile")
     p.add_argument("--batch-size", type=int, help="override the presets' batch size")
     p.add_argument("--image-size", type=int, help="override the presets' image size")
+    p.add_argument("--micro-batch", type=int, nargs="+", default=[0],
+                   help="images per forward/backward pass, one row for each value (0: ddpm.py's choice for the device)")
     p.add_argument("--loops", action="store_true", help="also time whole samplers: DDPM (T steps) vs DDIM (50 steps), batch 8")
     p.add_argument("--quick", action="store_true", help="few repeats, small batch: a smoke test")
     p.add_argument("--json", action="store_true", help="also print one JSON line per row")
@@ -158,14 +160,16 @@ def main():
           + (f"; other processes used {100 * watch.other:.0f}% of the CPU while measuring the peak" if watch.other is not None else ""))
     for prec, (conv, mm) in peaks.items():
         print(f"# measured peak {prec}: 3x3 conv {conv:.0f} GFLOP/s, matmul {mm:.0f} GFLOP/s")
-    cols = ["preset", "precision", "compile", "channels_last", "batch", "params_M", "fwd_GFLOP_per_img", "train_img_s",
+    cols = ["preset", "precision", "compile", "channels_last", "batch", "micro_batch", "params_M", "fwd_GFLOP_per_img", "train_img_s",
             "train_spread_pct", "train_GFLOP_s", "pct_conv_peak", "sample_img_steps_s", "peak_mem_GB", "first_step_s", "other_cpu_pct"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     print(lines[0] + "\n" + lines[1], flush=True)
-    rows = [(preset, prec, c) for preset in args.preset for prec in precisions for c in ([False, True] if args.compile else [False])]
-    for preset, prec, compile_ in rows:
+    rows = [(preset, prec, m, c) for preset in args.preset for prec in precisions for m in args.micro_batch
+            for c in ([False, True] if args.compile else [False])]
+    for preset, prec, micro, compile_ in rows:
         spec = dict(preset=preset, device=args.device, precision=prec, compile=compile_, quick=args.quick, loops=args.loops,
-                    batch_size=args.batch_size or (8 if args.quick else None), image_size=args.image_size)
+                    batch_size=args.batch_size or (8 if args.quick else None), image_size=args.image_size,
+                    micro_batch=micro)
         r = subprocess.run([sys.executable, __file__, "--row", json.dumps(spec)], capture_output=True, text=True)
         if r.returncode:
             print(f"| {preset} | {prec} | {compile_} | failed: {(r.stderr.strip().splitlines() or ['?'])[-1]} |")

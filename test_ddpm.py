@@ -1,7 +1,7 @@
 """Tests for ddpm.py: the math against independent calculations, then the command line end to end.
 Everything runs on a CPU in a few minutes: python -m pytest -q"""
 
-import os, pickle, signal, subprocess, sys, time
+import dataclasses, os, pickle, signal, subprocess, sys, time
 
 import numpy as np
 import pytest
@@ -178,7 +178,7 @@ def test_first_loss_is_about_one():
     torch.manual_seed(0)
     model, sched = ddpm.UNet(small_cfg()), ddpm.Schedule(ddpm.linear_beta(20))
     x0 = torch.rand(32, 3, 16, 16) * 2 - 1
-    loss = ddpm.loss_fn(model, sched, x0, torch.Generator().manual_seed(0))
+    loss = ddpm.loss_fn(model, sched, x0, *ddpm.draw_t_eps(sched, x0, torch.Generator().manual_seed(0)))
     assert abs(loss.item() - 1) < 0.05  # zero output conv: eps_pred = 0, loss = mean(eps^2)
 
 
@@ -189,7 +189,7 @@ def test_a_tiny_batch_can_be_overfit():
     x0 = ddpm.get_batch(ddpm.toycars(4, 16), torch.arange(4), torch.zeros(4, dtype=torch.bool))
     losses = []
     for _ in range(150):  # the same x0, t and eps every step: the net can memorize them
-        loss = ddpm.loss_fn(model, sched, x0, torch.Generator().manual_seed(0))
+        loss = ddpm.loss_fn(model, sched, x0, *ddpm.draw_t_eps(sched, x0, torch.Generator().manual_seed(0)))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -280,6 +280,23 @@ def test_train_on_stanford_cars_layout_from_data_dir(tmp_path):
 
 def weights(path):
     return torch.load(path, weights_only=True)
+
+
+def test_micro_batches_take_the_whole_batch_step():
+    # Chunks of 3, 3 and 2 images, their mean losses weighted 3/8, 3/8 and 2/8, must train like the batch
+    # of 8 in one pass: same losses, gradients and weights over three steps (fp32, no dropout).
+    cfg = small_cfg(batch_size=8, precision="fp32", dropout=0.0)
+    x0 = ddpm.get_batch(ddpm.toycars(8, 16), torch.arange(8), torch.zeros(8, dtype=torch.bool))
+    runs = []
+    for micro in (0, 3):
+        s = ddpm.setup(dataclasses.replace(cfg, micro_batch=micro), torch.device("cpu"))
+        losses = [ddpm.train_step(s, x0, step) for step in (1, 2, 3)]
+        runs.append((losses, [p.grad.clone() for p in s.model.parameters()], [p.detach().clone() for p in s.model.parameters()]))
+    (loss_a, grad_a, w_a), (loss_b, grad_b, w_b) = runs
+    torch.testing.assert_close(loss_a, loss_b)
+    assert grad_a[0].abs().sum() > 0  # the first conv learns by step 3 (the output conv starts at zero)
+    for a, b in zip(grad_a + w_a, grad_b + w_b):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_resume_equals_training_straight_through(tmp_path):
@@ -429,11 +446,12 @@ def test_readme_python_example_runs():
 
 
 def test_torchrun_two_ranks_equal_one_process(tmp_path):
-    # Gloo on the CPU: two ranks of 4 images each must train like one process with 8 (fp32: bf16 would
-    # round differently for batches of 4 and 8, and Adam magnifies that in its near-zero gradients).
+    # Gloo on the CPU: two ranks of 4 images each, in micro-batches of 2, must train like one process with 8
+    # in one pass (fp32: bf16 would round differently for batches of 2 and 8, and Adam magnifies that in its
+    # near-zero gradients).
     common = [*SMALL, "--device", "cpu", "--steps", "3", "--dropout", "0", "--precision", "fp32"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                os.path.join(HERE, "ddpm.py"), "train", *common, "--out-dir", "ddp"]
+                os.path.join(HERE, "ddpm.py"), "train", *common, "--micro-batch", "2", "--out-dir", "ddp"]
     r = subprocess.run(torchrun, cwd=tmp_path, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     # torchrun's own traceback fills the end of stderr; a rank's message (e.g. "terminate called ...") comes before it
