@@ -373,6 +373,7 @@ def bad_inputs(tmp):
         ("bad image size", ["train", "--image-size", "30"], ["divisible by 2 ** 2 = 4"]),
         ("bad tuple", ["train", "--ch-mult", "1,x"], ["comma-separated"]),
         ("bad schedule", ["train", "--schedule", "square"], ["linear, cosine"]),
+        ("negative micro-batch", ["train", "--micro-batch", "-1"], ["--micro-batch"]),
         ("unknown preset", ["train", "--preset", "huge"], ["tiny, cars64, paper32"]),
         ("sample, no checkpoint", ["sample", "--ckpt", "missing.pt"], ["no checkpoint"]),
         ("eval, no checkpoint", ["eval", "--ckpt", "missing.pt"], ["no checkpoint"]),
