@@ -685,8 +685,8 @@ def train_step(s, x0, step, rank=0, world=1):
         group["lr"] = lr_at(step, s.cfg)
     t, eps = draw_t_eps(s.sched, x0, s.noise_gen, rank, world)
     s.opt.zero_grad(set_to_none=True)
-    # With --micro-batch the batch goes through in chunks; each chunk's mean loss, weighted by its share of
-    # the batch, adds its part of the batch's gradient. DDP averages over the ranks after the last chunk.
+    # The batch goes through in chunks of s.micro images (see setup); each chunk's mean loss, weighted by its
+    # share of the batch, adds its part of the batch's gradient. DDP averages over the ranks after the last.
     m = s.micro or len(x0)
     chunks = list(zip(x0.split(m), t.split(m), eps.split(m)))
     loss = 0
