@@ -153,7 +153,8 @@ def main():
     try:
         device = plumbing.pick_device(args.device)
     except plumbing.UserError as e:
-        sys.exit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     precisions = args.precision or (["fp32", "bf16"] if plumbing.use_bf16("auto", device) else ["fp32"])
     with CpuWatch() as watch:
         peaks = {prec: peak(device, torch.bfloat16 if prec == "bf16" else torch.float32, args.quick) for prec in precisions}

@@ -22,11 +22,14 @@ Time index, stated once: the paper counts t = 1..T; this code stores step t at i
 `t` in code runs over 0..T-1, index 0 is one step of noise, and the U-Net is fed the index.
 """
 
-import math, os, time
+import math, os, signal, sys, time
 from copy import deepcopy
 from dataclasses import dataclass, field
 from functools import partial
 from types import SimpleNamespace
+
+if __name__ == "__main__":  # Ctrl-C while torch loads exits quietly; main() then handles it as usual
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
 
 import torch
 import torch.nn as nn
@@ -269,10 +272,7 @@ class UNet(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         levels, ch, emb_dim = len(cfg.ch_mult), cfg.ch, 4 * cfg.ch
-        if cfg.image_size % 2 ** (levels - 1):
-            raise UserError(f"image size {cfg.image_size} cannot go through {levels} levels of the U-Net: "
-                            f"it must be divisible by 2 ** {levels - 1} = {2 ** (levels - 1)}. Pick another "
-                            f"--image-size, or fewer levels with --ch-mult.")
+        assert cfg.image_size % 2 ** (levels - 1) == 0, "each level but the last halves the image size"
         self.ch = ch
         self.emb = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.conv_in = nn.Conv2d(3, ch, 3, padding=1)
@@ -349,7 +349,6 @@ def ema_update(ema, model, decay):
     torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
 
 
-
 def lr_at(step, cfg):
     """Linear warm-up over cfg.warmup steps, then constant or cosine decay towards 0 at cfg.steps."""
     if step <= cfg.warmup:
@@ -357,7 +356,6 @@ def lr_at(step, cfg):
     if cfg.lr_schedule == "constant":
         return cfg.lr
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - cfg.warmup) / (cfg.steps - cfg.warmup + 1)))
-
 
 
 def setup(cfg, device, rank=0, world=1):
@@ -411,7 +409,7 @@ def train_step(s, x0, step):
 def train(cfg, resume=False):
     """Draw a batch, take a step, log; now and then a preview grid and a checkpoint. Under torchrun each
     process is one rank that takes its share of every batch, and DDP averages the gradients."""
-    run = plumbing.start_run(cfg)  # device; rank and world size under torchrun; the run folder
+    run = plumbing.start_run(cfg, resume, UNet)  # device; rank and world size under torchrun; the run folder
     data = images.load(cfg).to(run.device)  # uint8 (N, 3, H, W)
     s = setup(cfg, run.device, run.rank, run.world)
     step = plumbing.restore(s, run.ckpt_path) if resume else 0
@@ -521,7 +519,7 @@ def load_model(path, weights="ema", device="cpu"):
     """A trained eps_theta from a checkpoint, its EMA weights by default ("model": the raw ones).
     Returns (model in eval mode, its Config, the checkpoint dict)."""
     ckpt = plumbing.load_checkpoint(path)
-    cfg = plumbing.config_from_checkpoint(Config, ckpt)
+    cfg = plumbing.config_from_checkpoint(Config, ckpt, path)
     model = UNet(cfg)
     plumbing.load_weights(model, ckpt[weights], path)
     return model.to(device).eval(), cfg, ckpt
@@ -531,8 +529,9 @@ def sample(args):
     path = args.ckpt or plumbing.latest_checkpoint()
     device = plumbing.pick_device(args.device)
     model, cfg, ckpt = load_model(path, "model" if args.raw else "ema", device)
+    plumbing.check_sample_args(args, cfg, UNet, device, at_once=args.n)
     out = args.out or os.path.join(os.path.dirname(path), f"sample_{args.sampler}.png")
-    plumbing.writable_dir(os.path.dirname(out) or ".")
+    plumbing.writable_dir(os.path.dirname(out) or ".", "--out")
     sched, g = Schedule.from_config(cfg).to(device), torch.Generator(device).manual_seed(args.seed)
     shape = (args.n, 3, cfg.image_size, cfg.image_size)
     t0 = time.time()
@@ -541,6 +540,7 @@ def sample(args):
             x, _ = p_sample_loop(model, sched, shape, g, device)
         else:
             x, _ = ddim_sample(model, sched, shape, args.steps, args.eta, g, device)
+    plumbing.check_finite(x, "the samples")
     plumbing.save_grid(x, out)
     if args.individual:
         plumbing.save_images(x, args.individual)
@@ -555,7 +555,6 @@ def main(argv=None):
         if args.command == "train":
             train(plumbing.resolve_config(Config, make_config, args.given, args.resume), args.resume)
         else:
-            plumbing.check_sample_args(args)
             sample(args)
 
 

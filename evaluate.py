@@ -12,7 +12,10 @@
   held-out images.
 """
 
-import argparse, importlib.util, json, math, os, time, warnings
+import argparse, importlib.util, json, math, os, signal, sys, time, warnings
+
+if __name__ == "__main__":  # Ctrl-C while torch loads exits quietly; main() then handles it as usual
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
 
 import torch
 import torch.nn.functional as F
@@ -158,6 +161,7 @@ def evaluate(args):
     ckpt_path = args.ckpt or plumbing.latest_checkpoint()
     device = plumbing.pick_device(args.device)
     model, cfg, ckpt = ddpm.load_model(ckpt_path, "ema", device)
+    plumbing.check_sample_args(args, cfg, ddpm.UNet, device, at_once=min(args.n, args.batch))
     sched = ddpm.Schedule.from_config(cfg).to(device)
     train = images.load(cfg)
     if cfg.data == "toycars":  # new cars from another seed: truly held out
@@ -178,6 +182,7 @@ def evaluate(args):
                 x, _ = ddpm.p_sample_loop(model, sched, shape, g, device)
             else:
                 x, _ = ddpm.ddim_sample(model, sched, shape, args.steps, args.eta, g, device)
+            plumbing.check_finite(x, "the samples")
             samples.append(to_uint8(x))
     samples = torch.cat(samples)
     result.update(sampler=args.sampler, steps=sched.T if args.sampler == "ddpm" else args.steps, n=args.n,
@@ -196,14 +201,18 @@ def evaluate(args):
         else:
             pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:n_ref]
             ref = dict(zip(("mu", "sigma"), feature_stats(inception_features(net, train[pick], device=device, desc="reference features"))))
-            os.makedirs(os.path.dirname(cache), exist_ok=True)
-            plumbing.atomic_save(ref, cache)
+            try:
+                os.makedirs(os.path.dirname(cache), exist_ok=True)
+                plumbing.atomic_save(ref, cache)
+            except (OSError, plumbing.WriteError) as e:
+                print(f"note: the reference statistics were not cached ({e})")
         mu, sigma = feature_stats(inception_features(net, samples, device=device, desc="sample features"))
         result.update(fid=round(frechet_distance(mu, sigma, ref["mu"], ref["sigma"]), 2), fid_n=args.n, fid_ref_n=n_ref)
     # 3. Bits per dimension on held-out images.
     with torch.inference_mode():
         bpd, se, parts = bits_per_dim(model, sched, held_out[:args.bpd_images], args.bpd_t, generator=g, device=device)
-    result.update(bpd=round(bpd, 3), bpd_se=round(se, 3), bpd_images=min(args.bpd_images, len(held_out)),
+    result.update(bpd=round(bpd, 3), bpd_se=round(se, 3) if math.isfinite(se) else None,  # None: one image, no spread
+                  bpd_images=min(args.bpd_images, len(held_out)),
                   bpd_parts={k: round(v, 4) for k, v in parts.items()})
     # 4. Near-copies: samples closer to a training image than 99% of held-out images are.
     d_samples, d_held = nearest_distance(samples, train), nearest_distance(held_out, train)
@@ -213,8 +222,8 @@ def evaluate(args):
                   heldout=held_label)
     print(report(result))
     out = os.path.join(os.path.dirname(ckpt_path), f"eval_step{ckpt['step']}.json")
-    with open(out, "w") as f:
-        json.dump(result, f, indent=1)
+    with plumbing.atomic(out) as tmp, open(tmp, "w") as f:
+        json.dump(result, f, indent=1, allow_nan=False)
     print(f"wrote {out}")
     return result
 
@@ -224,7 +233,8 @@ def report(r):
              f"{r['n']} samples, {r['sampler']} with {r['steps']} steps, in {r['sampling_s']} s"]
     if "fid" in r:
         lines.append(f"FID {r['fid']:.2f} (N = {r['fid_n']} samples against {r['fid_ref_n']} training images)")
-    lines.append(f"bits/dim {r['bpd']:.3f} +- {r['bpd_se']:.3f} (bound of eq. 5 on {r['bpd_images']} {r['heldout']}; "
+    spread = f" +- {r['bpd_se']:.3f}" if r["bpd_se"] is not None else " (one image: no standard error)"
+    lines.append(f"bits/dim {r['bpd']:.3f}{spread} (bound of eq. 5 on {r['bpd_images']} {r['heldout']}; "
                  + ", ".join(f"{k} {v:.3f}" for k, v in r["bpd_parts"].items()) + ")")
     lines.append(f"near-copies {100 * r['near_copy_fraction']:.1f}% of samples (closer to a training image than 99% of "
                  f"{r['heldout']}: L2 < {r['near_copy_threshold']}); median nearest-training distance: samples "
@@ -238,7 +248,7 @@ def main(argv=None):
     p.add_argument("--n", type=int, default=10000, help="samples for FID and the near-copy check")
     p.add_argument("--n-ref", type=int, default=10000, help="training images for FID's reference statistics")
     p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddim")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    p.add_argument("--steps", type=int, help="DDIM steps (default: 50, or T if the model has fewer)")
     p.add_argument("--eta", type=float, default=1.0, help="DDIM noise")
     p.add_argument("--batch", type=int, default=500, help="images per sampling batch")
     p.add_argument("--bpd-images", type=int, default=256, help="held-out images for bits/dim")
@@ -248,7 +258,7 @@ def main(argv=None):
     p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
     args = p.parse_args(argv)
     with plumbing.user_errors():
-        if min(args.n, args.n_ref, args.steps, args.batch, args.bpd_images, args.bpd_t, args.n_heldout) < 1:
+        if min(args.n, args.n_ref, args.batch, args.bpd_images, args.bpd_t, args.n_heldout) < 1:
             raise plumbing.UserError("every count given to evaluate.py must be at least 1.")
         evaluate(args)
 

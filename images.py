@@ -9,7 +9,7 @@ import hashlib, os, random, sys
 import torch
 from PIL import Image, ImageDraw
 
-from plumbing import UserError, atomic_save
+from plumbing import UserError, WriteError, atomic_save
 
 
 def draw_toycar(rng, size):
@@ -37,7 +37,8 @@ def draw_toycar(rng, size):
                (mid - m * 0.4, y0 - m * 0.3)], fill=glass)
     d.polygon([(mid + m * 0.4, y0 - m * 0.3), (mid + m * 0.4, y0 - ch + m), (cx1 - ch * 0.7 - m * 0.2, y0 - ch + m),
                (cx1 - m * 1.8, y0 - m * 0.3)], fill=glass)
-    d.rectangle([x0 + w - h * 0.25, y0 + h * 0.2, x0 + w - 1, y0 + h * 0.45], fill=(255, 230, 120))  # headlight
+    # The headlight is at least one pixel wide (from 16 pixels up, h / 4 > 1 always, so the cars stay as they were)
+    d.rectangle([x0 + w - max(h * 0.25, 1), y0 + h * 0.2, x0 + w - 1, y0 + h * 0.45], fill=(255, 230, 120))
     for wx in (x0 + w * 0.2, x0 + w * 0.8):
         d.ellipse([wx - r, y1 - r, wx + r, y1 + r], fill=(25, 25, 25))
         d.ellipse([wx - r * 0.45, y1 - r * 0.45, wx + r * 0.45, y1 + r * 0.45], fill=(160, 160, 160))
@@ -66,7 +67,15 @@ To try the code without any download, use --data toycars."""
 
 
 def find_images(root):
-    return sorted(os.path.join(d, f) for d, _, files in os.walk(root) for f in files if f.lower().endswith(IMAGE_EXTS))
+    """Every .jpg, .jpeg and .png below root, at any depth, sorted; a folder that cannot be read is an error."""
+    unreadable = []
+    paths = sorted(os.path.join(d, f) for d, _, files in os.walk(root, onerror=unreadable.append)
+                   for f in files if f.lower().endswith(IMAGE_EXTS))
+    if unreadable:
+        e = unreadable[0]
+        raise UserError(f"cannot read the folder {e.filename} ({e.strerror}). Fix its permissions, or point --data "
+                        f"at another folder.")
+    return paths
 
 
 def load_image(path, size):
@@ -92,8 +101,11 @@ def image_folder(root, size, cache_dir):
     cache = os.path.join(cache_dir, f"{os.path.basename(os.path.abspath(root))}-{size}-{key.hexdigest()[:12]}.pt")
     if os.path.exists(cache):
         try:
-            return torch.load(cache, weights_only=True)
-        except Exception:  # a damaged cache is only a lost shortcut: decode again and rewrite it
+            data = torch.load(cache, weights_only=True)
+            if torch.is_tensor(data) and data.dtype == torch.uint8 and data.shape[1:] == (3, size, size) \
+                    and 1 <= len(data) <= len(paths):
+                return data
+        except Exception:  # a damaged or foreign cache is only a lost shortcut: decode again and rewrite it
             pass
     from tqdm import tqdm
     images, bad = [], []
@@ -110,9 +122,9 @@ def image_folder(root, size, cache_dir):
     try:
         os.makedirs(cache_dir, exist_ok=True)
         atomic_save(data, cache)
-    except OSError as e:
-        print(f"note: could not cache the decoded images in {cache_dir} ({e}); decoding again next time",
-              file=sys.stderr)
+    except (OSError, WriteError) as e:
+        print(f"note: could not cache the decoded images in {cache_dir} ({e}); training goes on, and the next "
+              f"run decodes them again", file=sys.stderr)
     return data
 
 

@@ -6,7 +6,10 @@
 Kept out of ddpm.py, which holds the model and its math; this file only calls into it.
 """
 
-import argparse, csv, os, sys
+import argparse, csv, os, signal, sys
+
+if __name__ == "__main__":  # Ctrl-C while torch loads exits quietly; main() then handles it as usual
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
 
 try:
     import matplotlib
@@ -104,7 +107,7 @@ def visualize(ckpt_path, out_dir, seed=0, n=36):
     _, cfg, ckpt = models["ema"]
     run_dir, step = os.path.dirname(ckpt_path), ckpt["step"]
     what = f"{cfg.data}, {cfg.image_size}x{cfg.image_size}, preset {cfg.preset}, step {step}"
-    plumbing.writable_dir(out_dir)
+    plumbing.writable_dir(out_dir, "--out")
     out = lambda name: os.path.join(out_dir, name)
     schedule_plot(cfg.T, out("schedule.png"))
     sched = ddpm.Schedule.from_config(cfg)

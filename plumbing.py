@@ -8,11 +8,15 @@ nothing of the project, so every other one may import it and none of them is imp
     plumbing.py  <-  images.py  <-  ddpm.py  <-  evaluate.py, plots.py, bench.py
 """
 
-import argparse, csv, math, os, pickle, signal, sys, time
+import argparse, csv, glob, math, os, pickle, re, signal, socket, sys, time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, fields
 from types import SimpleNamespace
 
+try:
+    import fcntl  # the run folder's lock; POSIX only (on Windows runs go unlocked)
+except ImportError:
+    fcntl = None
 import torch
 from PIL import Image
 
@@ -24,89 +28,131 @@ class UserError(Exception):
 @contextmanager
 def user_errors():
     """Around a command: bad input prints its one-paragraph message and exits 2, Ctrl-C exits 130."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C raises KeyboardInterrupt again
     try:
         yield
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("\ninterrupted; the last checkpoint written is intact.", file=sys.stderr)
+    except KeyboardInterrupt:  # before training started, or a second Ctrl-C (the loop saves at the first)
+        print("\ninterrupted. A checkpoint is only ever written whole, so any that exists is intact.", file=sys.stderr)
         sys.exit(130)
+
+
+def first_line(e):
+    """The first line of an exception's message, or its type when the message is empty (EOFError)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()  # no terminal colour codes
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 # ----------------------------------------------------------------------------------------------
 # Files: written to a temporary name, then renamed, so that a crash never leaves half a file.
 
-def atomic_save(obj, path):
-    """torch.save to path.tmp, then rename: a crash or Ctrl-C never leaves a half-written file."""
+class WriteError(UserError):
+    """A file could not be written (disk full, no permission, ...); what was there before is untouched."""
+
+
+@contextmanager
+def atomic(path):
+    """Yields a temporary name beside path; after the body wrote it, renames it to path. A crash, Ctrl-C or
+    failed write never leaves a half-written file at path: the old one, if any, stays whole."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
-        torch.save(obj, tmp)
+        yield tmp
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
+        raise WriteError(f"could not write {path} ({first_line(e)}). Whatever was there before is untouched. "
+                         f"Free some disk space, fix the folder's permissions, or choose another folder.") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
+def atomic_save(obj, path):
+    """torch.save, atomically (see atomic)."""
+    with atomic(path) as tmp:
+        torch.save(obj, tmp)
+
+
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
+
+
 def save_grid(x, path, nrow=None):
-    """x: (B, 3, H, W) in [-1, 1] -> one PNG grid, written atomically (its folder is made if need be)."""
+    """x: (B, 3, H, W) in [-1, 1] -> one grid image, PNG or JPEG by path's suffix, written atomically (its
+    folder is made if need be)."""
     from torchvision.utils import make_grid
     grid = make_grid((x.float().clamp(-1, 1) + 1) / 2, nrow=nrow or math.ceil(math.sqrt(len(x))), padding=1)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    Image.fromarray(grid.mul(255).round().byte().permute(1, 2, 0).cpu().numpy()).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic(path) as tmp:
+        Image.fromarray(grid.mul(255).round().byte().permute(1, 2, 0).cpu().numpy()).save(
+            tmp, format=IMAGE_FORMATS[os.path.splitext(path)[1].lower()], quality=95)
 
 
 def save_images(x, folder):
     """Each image of x: (B, 3, H, W) in [-1, 1] as folder/00000.png, folder/00001.png, ..."""
-    writable_dir(folder)
+    writable_dir(folder, "--individual")
     for i, img in enumerate(x):
         save_grid(img[None], os.path.join(folder, f"{i:05d}.png"), nrow=1)
 
 
-def writable_dir(path):
+def writable_dir(path, flag):
+    """Make the folder path if need be and check that files can be written there; flag names the option
+    that chose it, for the message."""
     try:
         os.makedirs(path, exist_ok=True)
         probe = os.path.join(path, f".write-test-{os.getpid()}")
         open(probe, "w").close()
         os.remove(probe)
     except OSError as e:
-        raise UserError(f"cannot write to the folder {path} ({e.strerror}). Choose a writable one "
-                        f"(--out-dir for train, --out for sample) or fix its permissions.") from None
+        raise UserError(f"cannot write to the folder {path} ({e.strerror or first_line(e)}). Choose a writable "
+                        f"one with {flag}, or fix its permissions.") from None
     return path
 
 
 # ----------------------------------------------------------------------------------------------
 # Checkpoints: one file per run, loaded without running code.
 
-def load_checkpoint(path):
-    """A checkpoint dict, loaded with weights_only=True so that a stranger's file cannot run code."""
+def load_checkpoint(path, flag="--ckpt"):
+    """A checkpoint dict, loaded with weights_only=True so that a stranger's file cannot run code, and
+    checked to hold what ddpm.py writes. flag: the option that names the file, for the messages."""
     if not os.path.isfile(path):
-        raise UserError(f"no checkpoint at {path}. Train one first (python ddpm.py train) or pass --ckpt.")
+        raise UserError(f"no checkpoint at {path}. Train one first (python ddpm.py train), or name one with {flag}.")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise UserError(f"refused to load {path}: it holds pickled objects other than tensors and plain "
-                        f"values, which could run code on this machine ({str(e).splitlines()[0]}). Only load "
-                        f"checkpoints written by ddpm.py.") from None
-    except Exception as e:  # truncated zip, not a torch file at all, ...
-        raise UserError(f"could not read {path} as a checkpoint ({type(e).__name__}: {str(e).splitlines()[0]}). "
-                        f"It may be truncated or not a ddpm.py checkpoint; use another, or retrain.") from None
-    if not isinstance(ckpt, dict) or not {"model", "ema", "config", "step"} <= ckpt.keys():
-        raise UserError(f"{path} is a torch file but not a ddpm.py checkpoint (it lacks model, ema, config "
-                        f"and step entries).")
+    except pickle.UnpicklingError as e:  # torch's safe loader met something it will not build
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = (f"it holds pickled Python objects besides tensors and plain values ({found.group(1)})" if found else
+                f"it is either not a file written by torch.save ({os.path.getsize(path)} bytes) or holds pickled "
+                f"Python objects besides tensors and plain values")
+        raise UserError(f"refused to load {path}: {what}, and loading those could run code on this machine. Only "
+                        f"load checkpoints written by ddpm.py.") from None
+    except Exception:  # empty, truncated, random bytes, not a torch file at all, ...
+        raise UserError(f"could not read {path} as a checkpoint: it is not a complete file written by torch.save "
+                        f"({os.path.getsize(path)} bytes; empty, truncated, or another kind of file). Use another "
+                        f"checkpoint, or retrain.") from None
+    tensors = lambda v: isinstance(v, dict) and all(isinstance(k, str) and torch.is_tensor(x) for k, x in v.items())
+    if not (isinstance(ckpt, dict) and tensors(ckpt.get("model")) and tensors(ckpt.get("ema"))
+            and isinstance(ckpt.get("config"), dict) and type(ckpt.get("step")) is int and ckpt["step"] >= 0):
+        raise UserError(f"{path} is a torch file but not a ddpm.py checkpoint: it lacks the model and ema weights "
+                        f"(name -> tensor), the config (a dict) or the step (a whole number).")
     return ckpt
 
 
-def config_from_checkpoint(Config, ckpt, **overrides):
-    """The Config a checkpoint was trained with (fields it does not know keep their defaults)."""
+def config_from_checkpoint(Config, ckpt, path, **overrides):
+    """The Config a checkpoint was trained with (fields it does not know keep their defaults), checked as
+    the command line's is; overrides are flags given now."""
     known = {f.name: f.default for f in fields(Config)}
-    saved = {k: tuple(v) if isinstance(known[k], tuple) else v for k, v in ckpt["config"].items() if k in known}
+    saved = {k: tuple(v) if isinstance(known[k], tuple) and isinstance(v, (list, tuple)) else v
+             for k, v in ckpt["config"].items() if k in known}
+    check_config(Config(**saved), f"the config saved in {path}")
     return Config(**{**saved, **overrides})
 
 
 def load_weights(module, state, path):
+    """Load a state dict, refusing weights that do not fit the network or are not finite numbers."""
+    if any(v.is_floating_point() and not torch.isfinite(v).all() for v in state.values()):
+        raise UserError(f"the weights in {path} hold NaN or infinite values: the run that wrote it diverged. Use "
+                        f"an earlier checkpoint (train keeps one per --ckpt-every with --keep-ckpts), or retrain.")
     try:
         module.load_state_dict(state)
     except RuntimeError as e:
@@ -116,7 +162,13 @@ def load_weights(module, state, path):
 
 def save_checkpoint(s, step, path, keep_copy=False):
     """Everything that resuming needs to continue exactly: weights, EMA, Adam, step, config, random states.
-    s is ddpm.setup()'s namespace. keep_copy also keeps this one as ckpt_step<step>.pt beside it."""
+    s is ddpm.setup()'s namespace. keep_copy also keeps this one as ckpt_step<step>.pt beside it. Weights
+    that are no longer finite stop the run instead, and the last good checkpoint stays."""
+    for name, module in (("weights", s.model), ("EMA weights", s.ema)):
+        if not all(torch.isfinite(p).all() for p in module.parameters()):
+            raise UserError(f"the {name} became NaN or infinite by step {step}, so they were not saved; the last "
+                            f"good checkpoint, if any, is still {path}. Try a lower --lr (now {s.cfg.lr:g})"
+                            + (" or clipping with --grad-clip 1." if not s.cfg.grad_clip else "."))
     rng = {"torch": torch.get_rng_state(), "data": s.draw_data.generator.get_state(),
            "noise": s.draw_noise.generator.get_state()}
     state = {"model": s.model.state_dict(), "ema": s.ema.state_dict(), "opt": s.opt.state_dict(),
@@ -128,13 +180,22 @@ def save_checkpoint(s, step, path, keep_copy=False):
 
 def restore(s, path):
     """Load the checkpoint at path into ddpm.setup()'s namespace s, random states included; returns its step."""
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path, "--out-dir")
+    rng = ckpt.get("rng")
+    if not isinstance(ckpt.get("opt"), dict) or not isinstance(rng, dict) \
+            or not all(torch.is_tensor(rng.get(k)) for k in ("torch", "data", "noise")):
+        raise UserError(f"{path} cannot be resumed: it lacks Adam's state or the random states (opt and rng). It can "
+                        f"still sample (python ddpm.py sample --ckpt {path}); to train on, start a new run.")
     load_weights(s.model, ckpt["model"], path)
     load_weights(s.ema, ckpt["ema"], path)
-    s.opt.load_state_dict(ckpt["opt"])
-    torch.set_rng_state(ckpt["rng"]["torch"])
-    s.draw_data.generator.set_state(ckpt["rng"]["data"])
-    s.draw_noise.generator.set_state(ckpt["rng"]["noise"])
+    try:
+        s.opt.load_state_dict(ckpt["opt"])
+        torch.set_rng_state(rng["torch"])
+        s.draw_data.generator.set_state(rng["data"])
+        s.draw_noise.generator.set_state(rng["noise"])
+    except (ValueError, RuntimeError, KeyError, TypeError) as e:
+        raise UserError(f"{path} cannot be resumed: its Adam or random state does not fit this run "
+                        f"({first_line(e)}).") from None
     return ckpt["step"]
 
 
@@ -245,21 +306,66 @@ def backward(loss_of, batch, chunk, ddp=None, autocast=nullcontext()):
 # ----------------------------------------------------------------------------------------------
 # A training run: its ranks, its folder, its log, Ctrl-C.
 
-def start_run(cfg):
-    """Device, rank and world size, and the run folder. Under torchrun each process is one rank of a
-    process group: NCCL between GPUs, Gloo between CPU processes."""
+def start_run(cfg, resume, UNet):
+    """Device, rank and world size, and the run folder, which from now on belongs to this run: a second
+    run on it is refused. Under torchrun each process is one rank of a process group: NCCL between GPUs,
+    Gloo between CPU processes. UNet: ddpm.UNet, built without memory to check that the run fits."""
     ddp = "RANK" in os.environ
     rank, world, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")) if ddp else (0, 1, 0)
     device = pick_device(cfg.device, local_rank)
-    if ddp:
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if cfg.batch_size % world:
         raise UserError(f"--batch-size {cfg.batch_size} does not split over {world} ranks; use a multiple of {world}.")
+    check_memory(cfg, UNet, device, world)
     out_dir = cfg.out_dir or os.path.join("runs", cfg.preset)
-    if rank == 0:
-        writable_dir(out_dir)
-    return SimpleNamespace(device=device, rank=rank, world=world, ddp=ddp, master=rank == 0, out_dir=out_dir,
-                           ckpt_path=os.path.join(out_dir, "ckpt.pt"))
+    run = SimpleNamespace(device=device, rank=rank, world=world, ddp=ddp, master=rank == 0, out_dir=out_dir,
+                          ckpt_path=os.path.join(out_dir, "ckpt.pt"))
+    if run.master:
+        writable_dir(out_dir, "--out-dir")
+        run.lock = lock_run_folder(out_dir)
+        found = sorted(f for f in os.listdir(out_dir) if f.startswith("ckpt") and f.endswith(".pt"))
+        if found and not resume:
+            raise UserError(f"{out_dir} already holds checkpoints ({', '.join(found)}). Add --resume to continue "
+                            f"the run, pass another --out-dir for a new one, or delete the folder to start over.")
+    if ddp:
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return run
+
+
+def lock_run_folder(out_dir):
+    """Take the run folder for this process: an exclusive flock on out_dir/.lock, which the kernel releases
+    when the process ends, even by kill -9 (a PID file alone is fooled by PID reuse). The holder writes its
+    PID and host into the file for the message another run gets. Then leftovers of dead runs go: temporary
+    checkpoint files (only the lock's holder writes them) and temporary pictures of processes gone."""
+    if fcntl is None:
+        return None
+    f = open(os.path.join(out_dir, ".lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        raise UserError(f"{out_dir} is in use by another run ({holder}). Wait for it to finish or stop it, or "
+                        f"pass another --out-dir. One run per folder keeps checkpoints and log.csv whole.") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"PID {os.getpid()} on host {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    f.flush()
+    folder = glob.escape(out_dir)
+    for tmp in glob.glob(os.path.join(folder, "*.tmp*")) + glob.glob(os.path.join(folder, "samples", "*.tmp*")):
+        pid = tmp.rsplit(".tmp", 1)[1]
+        if ".pt.tmp" in tmp or (pid.isdigit() and not pid_alive(int(pid))):
+            os.remove(tmp)
+    return f  # kept open for as long as the run lasts
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # alive, but someone else's
+        return True
+    return True
 
 
 def wrap_ddp(model, device):
@@ -321,12 +427,15 @@ class LossLog:
         path, rows = os.path.join(run.out_dir, "log.csv"), []
         if step > 0 and os.path.exists(path):
             with open(path) as f:
-                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
+                rows = [r for r in csv.DictReader(f) if r.get("step", "").isdigit() and int(r["step"]) <= step]
         self.f = open(path, "w", newline="")
         self.w = csv.DictWriter(self.f, ["step", "loss", "lr", "img_per_s", "seconds"])
         self.w.writeheader()
         self.w.writerows(rows)
-        self.t0 = time.time() - (float(rows[-1]["seconds"]) if rows else 0.0)
+        try:
+            self.t0 = time.time() - float(rows[-1]["seconds"])
+        except (IndexError, KeyError, TypeError, ValueError):  # a new log, or a damaged last row
+            self.t0 = time.time()
 
     def add(self, loss):
         self.loss_sum += loss
@@ -337,7 +446,8 @@ class LossLog:
         mean_loss = self.loss_sum.item() / self.n  # the one host sync, every log_every steps
         if not math.isfinite(mean_loss):
             raise UserError(f"the loss became {mean_loss} by step {step}; training stopped. The last good "
-                            f"checkpoint, if any, is still in {self.out_dir}. Try a lower --lr or --grad-clip 1.")
+                            f"checkpoint, if any, is still in {self.out_dir}. Try a lower --lr (now {self.cfg.lr:g})"
+                            + (" or clipping with --grad-clip 1." if not self.cfg.grad_clip else "."))
         speed = self.n * self.cfg.batch_size / (time.time() - self.tic)
         self.bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{speed:.0f}")
         if self.f:
@@ -393,7 +503,7 @@ def parse_args(Config, description, argv=None):
     s.add_argument("--ckpt", help="checkpoint file; default: the newest runs/*/ckpt.pt")
     s.add_argument("--n", type=int, default=64, help="how many images")
     s.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm", help="ddpm: Algorithm 2, all T steps; ddim: --steps steps")
-    s.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    s.add_argument("--steps", type=int, help="DDIM steps (default: 50, or T if the model has fewer)")
     s.add_argument("--eta", type=float, default=1.0, help="DDIM noise: 1 like DDPM, forgiving of short training; 0 deterministic")
     s.add_argument("--seed", type=int, default=0, help="seed of the starting noise")
     s.add_argument("--out", help="PNG grid to write; default: sample_<sampler>.png beside the checkpoint")
@@ -406,12 +516,156 @@ def parse_args(Config, description, argv=None):
     return args
 
 
-def check_sample_args(args):
-    if args.n < 1 or args.steps < 1:
-        raise UserError("--n and --steps must be at least 1.")
+def check_sample_args(args, cfg, UNet, device, at_once):
+    """sample's and evaluate.py's flags, against the checkpoint's config cfg; at_once: how many images are
+    sampled together. Fills in the default --steps, which depends on the model's T."""
+    args.steps = min(50, cfg.T) if args.steps is None else args.steps
+    if not 1 <= args.n <= MAX_INT:
+        raise UserError(f"--n {args.n}: the number of images must be at least 1.")
+    if args.sampler != "ddpm" and not 1 <= args.steps <= cfg.T:  # Algorithm 2 takes all T steps
+        raise UserError(f"--steps {args.steps}: the model has T = {cfg.T} steps, so a sampler can take from 1 to {cfg.T}.")
+    if not 0 <= args.eta <= 1:  # also refuses nan
+        raise UserError(f"--eta {args.eta}: DDIM's eta must lie in [0, 1] (0: deterministic, 1: the noise of DDPM); "
+                        f"above 1 its variance exceeds what the step leaves, and the samples come out NaN.")
+    if not 0 <= args.seed < 2 ** 63:
+        raise UserError(f"--seed {args.seed} must be a whole number from 0 to 2**63 - 1.")
+    out = getattr(args, "out", None)
+    if out is not None and (os.path.isdir(out) or os.path.splitext(out)[1].lower() not in IMAGE_FORMATS):
+        raise UserError(f"--out {out} must name an image file to write, ending in .png, .jpg or .jpeg"
+                        + (" (it is a folder)" if os.path.isdir(out) else "") + ".")
+    check_memory(cfg, UNet, device, images=at_once, training=False)
 
 
-ARCH_FIELDS = ("image_size", "T", "schedule", "beta_1", "beta_T", "ch", "ch_mult", "num_res_blocks", "attn_res")
+def check_finite(x, what):
+    """Stop with a message, rather than save black images, when a sampler produced NaN or infinite values."""
+    if not torch.isfinite(x).all():
+        raise UserError(f"{what} came out NaN or infinite; nothing was written. The checkpoint's weights are finite "
+                        f"(they are checked when loaded), so look at the sampler's settings (--eta, --steps) and at "
+                        f"the schedule it was trained with (--beta-1, --beta-T).")
+
+
+# ----------------------------------------------------------------------------------------------
+# What every setting may be, checked before any work starts; a checkpoint's config goes through the same.
+
+MAX_INT = 2 ** 31 - 1  # far beyond any sensible value; keeps every count within torch's and the OS's integers
+RULES = {  # field: (test, what it must be)
+    "image_size": (lambda v: 1 <= v <= MAX_INT, "a whole number of pixels, at least 1"),
+    "n_toycars": (lambda v: 1 <= v <= MAX_INT, "at least 1"),
+    "T": (lambda v: 1 <= v <= 100_000, "a number of diffusion steps from 1 to 100,000 (the paper: 1000)"),
+    "schedule": (lambda v: v in ("linear", "cosine"), "linear or cosine"),
+    "beta_1": (lambda v: 0 < v < 1, "a variance in (0, 1) (the paper: 1e-4)"),
+    "beta_T": (lambda v: 0 < v < 1, "a variance in (0, 1) (the paper: 0.02)"),
+    "ch": (lambda v: 4 <= v <= 65536 and v % 4 == 0, "a multiple of 4, at least 4 (group norm works in groups of c / 4 "
+                                                     "channels at most, and the time embedding needs an even width)"),
+    "ch_mult": (lambda v: 1 <= len(v) <= 16 and all(1 <= m <= 64 for m in v), "one to 16 whole multipliers, each from 1 to 64"),
+    "num_res_blocks": (lambda v: 1 <= v <= 64, "from 1 to 64"),
+    "attn_res": (lambda v: all(1 <= r <= MAX_INT for r in v), "resolutions in pixels"),
+    "dropout": (lambda v: 0 <= v < 1, "a probability in [0, 1)"),
+    "batch_size": (lambda v: 1 <= v <= MAX_INT, "at least 1"),
+    "micro_batch": (lambda v: 0 <= v <= MAX_INT, "at least 0 (0: chosen for the device)"),
+    "lr": (lambda v: 0 < v < math.inf, "a positive learning rate"),
+    "lr_schedule": (lambda v: v in ("cosine", "constant"), "cosine or constant"),
+    "warmup": (lambda v: 0 <= v <= MAX_INT, "at least 0 (0: no warm-up)"),
+    "steps": (lambda v: 1 <= v <= MAX_INT, "at least 1"),
+    "grad_clip": (lambda v: 0 <= v < math.inf, "a norm, at least 0 (0: no clipping)"),
+    "ema_decay": (lambda v: 0 <= v < 1, "a decay in [0, 1) (the paper: 0.9999)"),
+    "seed": (lambda v: 0 <= v < 2 ** 63, "a whole number from 0 to 2**63 - 1"),
+    "precision": (lambda v: v in ("auto", "fp32", "bf16"), "auto, fp32 or bf16"),
+    "log_every": (lambda v: 1 <= v <= MAX_INT, "at least 1"),
+    "sample_every": (lambda v: 1 <= v <= MAX_INT, "at least 1"),
+    "ckpt_every": (lambda v: 1 <= v <= MAX_INT, "at least 1"),
+}
+
+
+def check_config(cfg, source=""):
+    """Refuse a config that cannot train or would train on nonsense, naming the flag and what it must be.
+    source: where the config came from when not the command line (a checkpoint)."""
+    def refuse(name, why):
+        value = getattr(cfg, name)
+        shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
+        where = f" in {source}" if source else ""
+        raise UserError(f"--{name.replace('_', '-')} {shown}{where}: {why}.")
+    for f in fields(cfg):  # first the types, as a checkpoint's config may hold anything
+        value, kind = getattr(cfg, f.name), type(f.default)
+        ok = isinstance(value, bool) if kind is bool else isinstance(value, str) if kind is str else \
+            isinstance(value, tuple) and all(type(v) is int for v in value) if kind is tuple else \
+            type(value) is int if kind is int else type(value) in (int, float) and math.isfinite(value)
+        if not ok:
+            kind_name = "a finite number" if kind is float else "whole numbers" if kind is tuple else "a " + kind.__name__
+            refuse(f.name, f"must be {kind_name}" + (f", {RULES[f.name][1]}" if f.name in RULES else ""))
+    for name, (test, what) in RULES.items():
+        if not test(getattr(cfg, name)):
+            refuse(name, f"must be {what}")
+    if cfg.beta_1 > cfg.beta_T:
+        refuse("beta_1", f"must not exceed --beta-T {cfg.beta_T}: the noise added per step grows with t")
+    levels = len(cfg.ch_mult)
+    if cfg.image_size % 2 ** (levels - 1):
+        refuse("image_size", f"cannot go through {levels} levels of the U-Net: it must be divisible by 2 ** {levels - 1} = "
+                             f"{2 ** (levels - 1)}. Pick another --image-size, or fewer levels with --ch-mult")
+    if cfg.data == "toycars" and cfg.image_size < 8:
+        refuse("image_size", "is too small for the toy cars, which are drawn from 8 pixels up")
+    reached = [cfg.image_size // 2 ** i for i in range(levels)]
+    if not set(cfg.attn_res) <= set(reached):
+        refuse("attn_res", f"names resolutions the U-Net never reaches at --image-size {cfg.image_size} with "
+                           f"{levels} levels; it reaches {', '.join(map(str, reached))}")
+
+
+def available_memory(device):
+    """Bytes that can still be allocated: free GPU memory, or MemAvailable on Linux; None where unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return int(re.search(r"MemAvailable:\s+(\d+) kB", f.read()).group(1)) * 1024
+    except (OSError, AttributeError):
+        return None
+
+
+def check_memory(cfg, UNet, device, world=1, images=None, training=True):
+    """Refuse a run that cannot fit, before allocating: an allocation the machine over-commits ends in a
+    kill that no handler can catch. The U-Net is built on the meta device (shapes, no memory) and run on
+    one image, counting what autograd keeps for the backward pass; parameters count five times (weights,
+    EMA, gradient, Adam's two moments). paper32 at batch 128 in one pass: 7.4 GB estimated, 7.6 GB peak
+    measured by bench.py. Sampling keeps no activations: at least five image-sized tensors per image."""
+    with torch.device("meta"):
+        model = UNet(cfg)
+        x, t = torch.zeros(1, 3, cfg.image_size, cfg.image_size), torch.zeros(1, dtype=torch.long)
+    params, kept, seen = {id(p) for p in model.parameters()}, [], set()
+
+    def count(tensor):  # each tensor autograd keeps, once: a view counts as the tensor it views
+        base = tensor if tensor._base is None else tensor._base
+        if id(base) not in params and id(base) not in seen:
+            seen.add(id(base))
+            kept.append(base.numel() * base.element_size())
+        return tensor
+    n_params = sum(p.numel() for p in model.parameters())
+    pixels = 3 * cfg.image_size ** 2
+    if training:
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(count, lambda t: t):
+                model(x, t)
+        except RuntimeError:  # sizes beyond what torch can even describe ("Storage size calculation overflowed")
+            kept.append(math.inf)
+        per_pass = min(cfg.batch_size // world, cfg.micro_batch
+                       or default_micro_batch(cfg, device, use_bf16(cfg.precision, device)) or cfg.batch_size)
+        parts = {"images": (cfg.n_toycars if cfg.data == "toycars" else 0) * pixels,
+                 f"batch of {cfg.batch_size // world}": 3 * 4 * pixels * (cfg.batch_size // world),  # x_0, eps, x_t
+                 "weights, EMA, gradients and Adam": 5 * 4 * n_params,
+                 f"activations of {per_pass} images at once": per_pass * sum(kept),
+                 "schedule": 3 * 8 * cfg.T}
+    else:
+        parts = {"weights": 4 * n_params,
+                 f"{images} images being sampled": images * 4 * (5 * pixels + cfg.ch * cfg.image_size ** 2)}
+    need, have = sum(parts.values()), available_memory(device)
+    if have is not None and need > have:
+        gb = lambda b: f"{b / 1e9:.3g} GB" if math.isfinite(b) else "more than any machine holds"
+        raise UserError(f"this would need at least about {gb(need)} of memory on {device.type} ("
+                        + ", ".join(f"{k} {gb(v)}" for k, v in parts.items() if v >= 0.01 * need)
+                        + f"), and {gb(have)} is available. Use a smaller --batch-size or --micro-batch, --image-size, "
+                          f"--n, --T or network (--ch, --ch-mult).")
+
+
+ARCH_FIELDS = ("image_size", "T", "schedule", "beta_1", "beta_T", "ch", "ch_mult", "num_res_blocks", "attn_res", "data")
 
 
 def resolve_config(Config, make_config, given, resume):
@@ -419,25 +673,19 @@ def resolve_config(Config, make_config, given, resume):
     checked before any work starts."""
     given = dict(given)
     cfg = make_config(given.pop("preset", "tiny"), **given)
-    ckpt_path = os.path.join(cfg.out_dir or os.path.join("runs", cfg.preset), "ckpt.pt")
+    check_config(cfg)
     if resume:
-        ckpt = load_checkpoint(ckpt_path)
-        cfg = config_from_checkpoint(Config, ckpt, **given)
-        saved = config_from_checkpoint(Config, ckpt)
+        ckpt_path = os.path.join(cfg.out_dir or os.path.join("runs", cfg.preset), "ckpt.pt")
+        if not os.path.isfile(ckpt_path):
+            raise UserError(f"--resume: there is no checkpoint to continue at {ckpt_path}. Name the run's folder with "
+                            f"--out-dir (and its --preset), or drop --resume to start a new run.")
+        ckpt = load_checkpoint(ckpt_path, "--out-dir")
+        saved = config_from_checkpoint(Config, ckpt, ckpt_path)
+        cfg = config_from_checkpoint(Config, ckpt, ckpt_path, **given)
+        check_config(cfg)
         changed = [k for k in ARCH_FIELDS if getattr(cfg, k) != getattr(saved, k)]
         if changed:
-            raise UserError(f"cannot resume {ckpt_path} with a different {', '.join(changed)}: the checkpoint "
-                            f"comes from another config. Drop those flags, or start a new run with --out-dir.")
-    elif os.path.exists(ckpt_path):
-        raise UserError(f"{ckpt_path} already holds a checkpoint. Add --resume to continue it, pass --out-dir "
-                        f"for a new run, or delete the folder to start over.")
-    for name, value, allowed in (("schedule", cfg.schedule, ("linear", "cosine")),
-                                 ("precision", cfg.precision, ("auto", "fp32", "bf16")),
-                                 ("lr-schedule", cfg.lr_schedule, ("cosine", "constant"))):
-        if value not in allowed:
-            raise UserError(f"--{name} {value!r} is not one of {', '.join(allowed)}.")
-    if min(cfg.steps, cfg.batch_size, cfg.warmup, cfg.log_every, cfg.sample_every, cfg.ckpt_every) < 1 or not cfg.ch_mult \
-            or cfg.micro_batch < 0:
-        raise UserError("--steps, --batch-size, --warmup and the --*-every intervals must be at least 1, --micro-batch "
-                        "at least 0, and --ch-mult must name at least one level.")
+            raise UserError(f"cannot resume {ckpt_path} with a different " + ", ".join(
+                f"--{k.replace('_', '-')} (it was trained with {getattr(saved, k)!r})" for k in changed)
+                + ". Drop those flags to continue it, or start a new run with --out-dir.")
     return cfg

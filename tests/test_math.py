@@ -131,8 +131,10 @@ def test_unet_keeps_the_shape(size, ch_mult, attn):
     assert model(x, torch.tensor([0, 19])).shape == x.shape
 
 
-def test_unet_refuses_a_size_it_cannot_halve():
+def test_a_size_the_unet_cannot_halve_is_refused():
     with pytest.raises(plumbing.UserError, match="divisible by 2 \\*\\* 2 = 4"):
+        plumbing.check_config(small_cfg(image_size=18, ch_mult=(1, 2, 2)))
+    with pytest.raises(AssertionError):  # and the U-Net itself, built from Python without the check
         ddpm.UNet(small_cfg(image_size=18, ch_mult=(1, 2, 2)))
 
 
