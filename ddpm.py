@@ -25,7 +25,6 @@ Time index, stated once: the paper counts t = 1..T; this code stores step t at i
 import math, os, signal, sys, time
 from copy import deepcopy
 from dataclasses import dataclass, field
-from functools import partial
 from types import SimpleNamespace
 
 if __name__ == "__main__":  # Ctrl-C while torch loads exits quietly; main() then handles it as usual
@@ -69,7 +68,7 @@ class Config:
                               "whose gradients add up to the whole batch's: the same step, in less memory. 0: on a "
                               "CPU, chunks whose activations stay in its caches (faster); elsewhere the whole batch")
     lr: float = opt(1e-3, "peak learning rate of Adam")
-    lr_schedule: str = opt("cosine", "after warm-up: cosine (decay to 0 at the last step) or constant")
+    lr_schedule: str = opt("cosine", "after warm-up: cosine (decay towards 0 at the last step) or constant")
     warmup: int = opt(200, "steps of linear learning-rate warm-up")
     steps: int = opt(2000, "training steps in all (a resumed run continues up to this)")
     grad_clip: float = opt(1.0, "clip the gradient's global norm to this (0: off)")
@@ -336,9 +335,9 @@ def draw_batch(data, n, draw):
 
 def loss_fn(model, sched, x0, t, eps):
     """x0: (B, C, H, W) in [-1, 1], with its draws t and eps -> scalar loss."""
-    # [alg. 1, line 5] gradient step on || eps - eps_theta(sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps, t) ||^2
+    # [alg. 1, line 5] the loss of the gradient step: || eps - eps_theta(sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps, t) ||^2
     eps_pred = model(q_sample(sched, x0, t, eps), t)
-    # [eq. 14] L_simple: the squared error, averaged over pixels and batch (the gradient step is the caller's)
+    # [eq. 14] L_simple: the squared error, averaged over pixels and batch, in fp32 even when the net runs in bf16
     return F.mse_loss(eps_pred.float(), eps)
 
 
@@ -362,22 +361,15 @@ def setup(cfg, device, rank=0, world=1):
     """Everything a training step needs: U-Net, its EMA copy, Adam, schedule, random draws.
     rank and world: this process's place among torchrun's ranks (0 of 1 without torchrun)."""
     torch.manual_seed(cfg.seed)
-    s = SimpleNamespace(cfg=cfg, device=device, sched=Schedule.from_config(cfg).to(device), model=UNet(cfg).to(device))
-    bf16 = plumbing.use_bf16(cfg.precision, device)
-    if device.type == "cuda" or (device.type == "cpu" and not bf16):
-        # NHWC lets cuDNN and oneDNN skip layout conversions around every conv (bench.py: 1.1x for fp32
-        # on a CPU); oneDNN's bf16 kernels measured faster in the default layout, so they keep it.
-        s.model = s.model.to(memory_format=torch.channels_last)
-    s.ema = deepcopy(s.model).eval().requires_grad_(False)
+    s = SimpleNamespace(cfg=cfg, device=device, sched=Schedule.from_config(cfg).to(device))
+    s.model = plumbing.place(UNet(cfg), cfg, device)  # on the device, in its fastest memory layout
+    s.ema = deepcopy(s.model).eval().requires_grad_(False)  # theta_EMA starts as theta
     s.opt = plumbing.adam(s.model.parameters(), cfg.lr, device)
     # Two random streams: which images and flips, then t and eps. Each rank draws for the whole global batch
-    # and keeps its share, so that N ranks train exactly like one process (plumbing.RankDraws).
+    # and keeps its share, so that N ranks train like one process (plumbing.RankDraws).
     s.draw_data = plumbing.RankDraws(torch.Generator().manual_seed(cfg.seed), rank, world)
     s.draw_noise = plumbing.RankDraws(torch.Generator(device).manual_seed(cfg.seed), rank, world)
-    s.ddp = plumbing.wrap_ddp(s.model, device)  # under torchrun: averages the ranks' gradients
-    s.net = torch.compile(s.ddp or s.model) if cfg.compile else (s.ddp or s.model)
-    s.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-    s.micro = cfg.micro_batch or plumbing.default_micro_batch(cfg, device, bf16)  # 0: the whole batch at once
+    s.backward = plumbing.Backward(s.model, cfg, device)  # loss.backward(), fast: bf16, chunks, torchrun
     return s
 
 
@@ -388,10 +380,12 @@ def train_step(s, x0, step):
     t = s.draw_noise.randint(0, s.sched.T, (len(x0),))
     # [alg. 1, line 4] eps ~ N(0, I)
     eps = s.draw_noise.randn(x0.shape)
-    # Line 5: the gradient of the loss. plumbing.backward is loss.backward() that can pass the batch through
-    # in chunks of s.micro images, whose gradients add up to the whole batch's: the same step, in less memory.
+
+    # Line 5, the gradient step: first the gradient of loss_fn. s.backward is loss_fn(...).backward() under
+    # bf16 autocast where that pays, in chunks of images whose gradients add up to the whole batch's, and
+    # averaged over torchrun's ranks (plumbing.Backward): the same gradient, faster.
     s.opt.zero_grad(set_to_none=True)
-    loss = plumbing.backward(partial(loss_fn, s.net, s.sched), (x0, t, eps), s.micro, s.ddp, s.autocast)
+    loss = s.backward(loss_fn, s.sched, x0, t, eps)
     # Then the step: clip the gradient's norm (as the paper's code does), Adam at this step's learning rate.
     if s.cfg.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(s.model.parameters(), s.cfg.grad_clip)
@@ -409,7 +403,9 @@ def train_step(s, x0, step):
 def train(cfg, resume=False):
     """Draw a batch, take a step, log; now and then a preview grid and a checkpoint. Under torchrun each
     process is one rank that takes its share of every batch, and DDP averages the gradients."""
-    run = plumbing.start_run(cfg, resume, UNet)  # device; rank and world size under torchrun; the run folder
+    # The device, rank and world size (and the process group) under torchrun, the run folder; UNet is built
+    # without memory to check first that the run fits.
+    run = plumbing.start_run(cfg, resume, UNet)
     data = images.load(cfg).to(run.device)  # uint8 (N, 3, H, W)
     s = setup(cfg, run.device, run.rank, run.world)
     step = plumbing.restore(s, run.ckpt_path) if resume else 0
@@ -420,7 +416,7 @@ def train(cfg, resume=False):
         x0 = draw_batch(data, cfg.batch_size // run.world, s.draw_data)
         log.add(train_step(s, x0, step))
         if step % cfg.log_every == 0 or step % cfg.ckpt_every == 0 or step == cfg.steps:
-            log.write(step, lr_at(step, cfg))  # stops the run if the loss is no longer finite
+            log.write(step, lr_at(step, cfg))  # stops the run if the loss is no longer finite, before any save
         with log.paused():  # previews and checkpoints do not count towards images/s
             if run.master and (step % cfg.sample_every == 0 or step == cfg.steps):
                 preview(s, os.path.join(run.out_dir, "samples", f"step{step:07d}.png"))
@@ -464,13 +460,13 @@ def p_sample(model, sched, xt, t, generator=None, var="beta"):
 
 
 @torch.no_grad()
-def p_sample_loop(model, sched, shape, generator=None, device="cpu", keep=()):
-    """[alg. 2] x_T ~ N(0, I), then p_sample for t = T..1.
+def p_sample_loop(model, sched, shape, generator=None, device="cpu", keep=(), var="beta"):
+    """[alg. 2] x_T ~ N(0, I), then p_sample for t = T..1, with sigma_t^2 = var ("beta" or "beta_tilde").
     Returns x_0 and {s: x_s} for the paper steps s in `keep` (T is pure noise, 0 the result)."""
     x = torch.randn(shape, device=device, generator=generator)  # [alg. 2, line 1]
     trajectory = {sched.T: x} if sched.T in keep else {}
     for t in reversed(range(sched.T)):  # [alg. 2, line 2] index T-1..0 is paper step T..1
-        x = p_sample(model, sched, x, t, generator)
+        x = p_sample(model, sched, x, t, generator, var)
         if t in keep:
             trajectory[t] = x
     return x, trajectory
@@ -507,7 +503,7 @@ def preview(s, path):
     """The training loop's preview: 64 samples of DDIM (50 steps, eta = 1) from the EMA weights, from the
     same starting noise every time, so that the grids of a run show one set of images getting better."""
     shape, g = (64, 3, s.cfg.image_size, s.cfg.image_size), torch.Generator(s.device).manual_seed(s.cfg.seed)
-    with s.autocast:
+    with s.backward.autocast:
         x, _ = ddim_sample(s.ema, s.sched, shape, steps=50, eta=1.0, generator=g, device=s.device)
     plumbing.save_grid(x, path)
 
@@ -535,7 +531,7 @@ def sample(args):
     sched, g = Schedule.from_config(cfg).to(device), torch.Generator(device).manual_seed(args.seed)
     shape = (args.n, 3, cfg.image_size, cfg.image_size)
     t0 = time.time()
-    with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=plumbing.use_bf16("auto", device)):
+    with torch.inference_mode(), plumbing.autocast("auto", device):
         if args.sampler == "ddpm":
             x, _ = p_sample_loop(model, sched, shape, g, device)
         else:
@@ -550,7 +546,7 @@ def sample(args):
 
 
 def main(argv=None):
-    args = plumbing.parse_args(Config, __doc__.split("\n\n")[1], argv)
+    args = plumbing.parse_args(Config, __doc__.split("\n\n")[1], argv)  # --help shows the docstring's 2nd paragraph
     with plumbing.user_errors():  # bad input: a one-paragraph message and exit code 2, no traceback
         if args.command == "train":
             train(plumbing.resolve_config(Config, make_config, args.given, args.resume), args.resume)

@@ -170,7 +170,7 @@ def evaluate(args):
         pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))[:args.n_heldout]
         held_out, held_label = train[pick], "training images (folder data has no held-out split)"
     g = torch.Generator(device).manual_seed(args.seed)
-    autocast = torch.autocast(device.type, torch.bfloat16, enabled=plumbing.use_bf16("auto", device))
+    autocast = plumbing.autocast("auto", device)
     result = dict(ckpt=ckpt_path, step=ckpt["step"], data=cfg.data, image_size=cfg.image_size)
     # 1. Samples, in batches, with the chosen sampler.
     t0, samples = time.time(), []

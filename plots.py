@@ -116,7 +116,7 @@ def visualize(ckpt_path, out_dir, seed=0, n=36):
     if os.path.exists(os.path.join(run_dir, "log.csv")):
         loss_plot(os.path.join(run_dir, "log.csv"), out("loss.png"), f"training loss: {what}")
     models = {key: model for key, (model, _, _) in models.items()}
-    autocast = torch.autocast("cpu", torch.bfloat16, enabled=plumbing.use_bf16("auto", torch.device("cpu")))
+    autocast = plumbing.autocast("auto", torch.device("cpu"))
     with torch.inference_mode(), autocast:
         # The reverse process, x_T -> x_0, kept every T/50 steps for the GIF and at 8 steps for the strip.
         keep = sorted(set(range(0, cfg.T + 1, max(1, cfg.T // 40))) | {cfg.T})

@@ -1,0 +1,87 @@
+"""The samplers with a perfect network: for Gaussian data the best eps_theta has a closed form, so the exact
+mean and variance of each sampler's output follow from a float64 recursion (perfect_denoiser.py). The
+project's own samplers must match them within the sampling error, and fail to when broken on purpose."""
+
+import math
+
+import pytest
+import torch
+
+import ddpm
+from perfect_denoiser import MixtureDenoiser, exact_moments
+
+T, MU, S = 1000, 0.1, 0.05  # narrow data: mu +- 5 s lies inside [-1, 1], so clipping x_0 never acts
+SAMPLERS = {  # name: (how ddpm.py runs it, what the recursion computes)
+    "Algorithm 2, sigma^2 = beta": (dict(sampler="ddpm", var="beta"), dict(sampler="ddpm", var="beta")),
+    "Algorithm 2, sigma^2 = beta_tilde": (dict(sampler="ddpm", var="beta_tilde"), dict(sampler="ddpm", var="beta_tilde")),
+    **{f"DDIM, {n} steps, eta {eta}": (dict(sampler="ddim", steps=n, eta=eta), dict(sampler="ddim", steps=n, eta=eta))
+       for n in (1000, 50) for eta in (0.0, 1.0)},
+}
+
+
+def run(sampler, model, sched, shape=(2000, 1, 10, 10), seed=0, var="beta", steps=None, eta=0.0):
+    """Values drawn by one of ddpm.py's samplers: by default 2e5 of them, as 2000 images of 10x10."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        if sampler == "ddpm":
+            return ddpm.p_sample_loop(model, sched, shape, g, var=var)[0]
+        return ddpm.ddim_sample(model, sched, shape, steps=steps, eta=eta, generator=g)[0]
+
+
+def gap_in_standard_errors(x, mean, var):
+    """How far the sample's mean and variance lie from the exact ones, in standard errors (Gaussian output)."""
+    n = x.numel()
+    x = x.double()
+    return abs(x.mean().item() - mean) / math.sqrt(var / n), abs(x.var().item() - var) / (var * math.sqrt(2 / n))
+
+
+def test_the_recursion_gives_the_figures_of_a_separate_calculation():
+    # s^2 = 0.04, linear schedule, T = 1000 (issue 10): even a perfect network does not give back s^2 exactly.
+    expected = {("ddim", 50, 0.0): 0.031, ("ddim", 50, 1.0): 0.025}
+    for (sampler, steps, eta), v in expected.items():
+        assert exact_moments(sampler, T, 0.0, 0.04, steps, eta)[1] == pytest.approx(v, abs=5e-4)
+    assert exact_moments("ddpm", T, 0.0, 0.04, var="beta_tilde")[1] == pytest.approx(0.0385, abs=1e-4)
+    assert exact_moments("ddpm", T, 0.0, 0.04, var="beta")[1] == pytest.approx(0.0404, abs=1e-4)
+
+
+@pytest.mark.parametrize("name", SAMPLERS)
+def test_each_sampler_matches_its_exact_moments(name):
+    how, exact = SAMPLERS[name]
+    sched, model = ddpm.Schedule(ddpm.linear_beta(T)), MixtureDenoiser(T, [MU], [S])
+    mean, var = exact_moments(T=T, mu=MU, s2=S ** 2, **exact)
+    gaps = gap_in_standard_errors(run(model=model, sched=sched, **how), mean, var)
+    assert max(gaps) < 5, f"{name}: mean and variance {gaps[0]:.1f} and {gaps[1]:.1f} standard errors off"
+
+
+BREAKAGES = {
+    "noise at the last step": "noise",
+    "the network fed the paper's t (index + 1)": "t+1",
+    "the wrong sigma (beta_tilde where beta is meant)": "sigma",
+}
+
+
+@pytest.mark.parametrize("name", BREAKAGES)
+def test_a_broken_sampler_fails_the_check(name, monkeypatch):
+    sched, model = ddpm.Schedule(ddpm.linear_beta(T)), MixtureDenoiser(T, [MU], [S])
+    mean, var = exact_moments("ddpm", T, MU, S ** 2, var="beta")
+    how = dict(sampler="ddpm", var="beta")
+    if BREAKAGES[name] == "noise":
+        step = ddpm.p_sample
+        monkeypatch.setattr(ddpm, "p_sample", lambda m, sc, x, t, g=None, var="beta": step(m, sc, x, max(t, 1), g, var)
+                            if t == 0 else step(m, sc, x, t, g, var))
+    elif BREAKAGES[name] == "t+1":
+        model = lambda x, t, perfect=model: perfect(x, (t + 1).clamp(max=T - 1))
+    else:
+        how["var"] = "beta_tilde"
+    assert max(gap_in_standard_errors(run(model=model, sched=sched, **how), mean, var)) > 5
+
+
+def test_a_mixture_keeps_both_modes_in_proportion():
+    # Two narrow modes at -0.5 and 0.5 with weights 0.3 and 0.7: a sampler must not collapse or tilt them.
+    sched, model = ddpm.Schedule(ddpm.linear_beta(T)), MixtureDenoiser(T, [-0.5, 0.5], [0.05, 0.05], [0.3, 0.7])
+    n = 20_000  # images of one value each: the mixture is over whole images
+    for how in (dict(sampler="ddpm"), dict(sampler="ddim", steps=50, eta=0.0)):
+        x = run(model=model, sched=sched, shape=(n, 1, 1, 1), **how).flatten()
+        right = (x > 0).double().mean().item()
+        assert abs(right - 0.7) < 4 * math.sqrt(0.21 / n), (how, right)
+        assert abs(x[x > 0].mean().item() - 0.5) < 0.01 and abs(x[x < 0].mean().item() + 0.5) < 0.01, how
