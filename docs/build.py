@@ -1,36 +1,40 @@
-"""Build docs/walkthrough.md from docs/walkthrough.src.md and the tags in ddpm.py (standard library only).
+"""Build every chapter of docs/ from its source and the tags in the project's code (standard library only).
 
-The source names code by tag, never by line number:
-  - a tag is a comment in ddpm.py that starts with a bracket: `# [eq. 4] ...` or `x = ...  # [alg. 2, line 1]`;
+Each docs/NAME.src.md becomes docs/NAME.md. The sources name code by tag, never by line number:
+  - a tag is a comment that starts with a bracket: `# [eq. 4] ...` or `x = ...  # [alg. 2, line 1]`;
   - `def NAME` or `class NAME` names a top-level function or class;
+  - a tag lives in ddpm.py unless a file comes first: `evaluate.py: def decoder_nll`, `plumbing.py: class Backward`;
   - `@code TAG` alone on a line becomes a link to the lines and the snippet itself;
   - `{{TAG}}` inside a sentence becomes a link to the lines.
+Every tag must appear exactly once in its file, and every tag written in a project file must be used by
+some chapter, so that no equation in the code goes unexplained.
 
-    python docs/build.py            # write docs/walkthrough.md
-    python docs/build.py --check    # exit 1 if it is stale, or a tag is missing, doubled or unused
+    python docs/build.py            # write every chapter
+    python docs/build.py --check    # exit 1 if one is stale, or a tag is missing, doubled or unused
 """
 
 import re, sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-CODE, SRC, OUT = ROOT / "ddpm.py", ROOT / "docs" / "walkthrough.src.md", ROOT / "docs" / "walkthrough.md"
+DOCS = ROOT / "docs"
 TAG = re.compile(r"#\s*\[([a-z][^\]]*)\]")
 BLOCK, INLINE = re.compile(r"^@code (.+)$", re.M), re.compile(r"\{\{(.+?)\}\}")
+FILE = re.compile(r"^([\w/]+\.py):\s*(.+)$")
 
 
 def indent(line):
     return len(line) - len(line.lstrip())
 
 
-def locate(lines, name):
+def locate(lines, name, where="ddpm.py"):
     """(first, last) 0-based line indices of a tag's snippet or a top-level def/class; errors if absent or doubled."""
     if name.startswith(("def ", "class ")):
         hits = [i for i, l in enumerate(lines) if re.match(rf"{name}\b", l)]
     else:
         hits = [i for i, l in enumerate(lines) for m in TAG.finditer(l) if m.group(1) == name]
     if len(hits) != 1:
-        raise SystemExit(f"docs/build.py: `{name}` appears {len(hits)} times in ddpm.py; it must appear exactly once")
+        raise SystemExit(f"docs/build.py: `{name}` appears {len(hits)} times in {where}; it must appear exactly once")
     first = last = hits[0]
     if name.startswith(("def ", "class ")):
         while first > 0 and lines[first - 1].startswith("@"):  # decorators belong to the function
@@ -48,49 +52,66 @@ def locate(lines, name):
     return first, last
 
 
-def link(lines, name):
-    """A Markdown link to the lines of `name`, as GitHub renders them: ddpm.py#L120-L131."""
-    first, last = locate(lines, name)
-    where = f"L{first + 1}" if first == last else f"L{first + 1}-L{last + 1}"
-    label = name.split()[1] if name.startswith(("def ", "class ")) else f"[{name}]"
-    return f"[`{label}` in `ddpm.py` {where}](../ddpm.py#{where})", first, last
+class Code:
+    """The project's Python files, read once, and which of their tags the chapters used."""
+
+    def __init__(self):
+        self.files = {p.name: p.read_text().splitlines() for p in sorted(ROOT.glob("*.py"))}
+        self.used = set()
+
+    def find(self, ref):
+        """ref is `TAG` (in ddpm.py) or `FILE.py: TAG` -> (file, tag, first, last)."""
+        m = FILE.match(ref.strip())
+        file, name = (m.group(1), m.group(2).strip()) if m else ("ddpm.py", ref.strip())
+        if file not in self.files:
+            raise SystemExit(f"docs/build.py: `{ref}` names {file}, which is not a file of the project")
+        self.used.add((file, name))
+        return (file, name, *locate(self.files[file], name, file))
+
+    def link(self, ref):
+        """A Markdown link to the lines of ref, as GitHub renders them: ../ddpm.py#L120-L131."""
+        file, name, first, last = self.find(ref)
+        where = f"L{first + 1}" if first == last else f"L{first + 1}-L{last + 1}"
+        label = name.split()[1] if name.startswith(("def ", "class ")) else f"[{name}]"
+        return f"[`{label}` in `{file}` {where}](../{file}#{where})", file, first, last
+
+    def unused(self):
+        tags = {(f, m.group(1)) for f, lines in self.files.items() for l in lines for m in TAG.finditer(l)}
+        return sorted(tags - self.used)
 
 
-def build():
-    lines = CODE.read_text().splitlines()
-    src = SRC.read_text()
-    used = set()
-
+def build_chapter(src, code):
     def block(m):
-        name = m.group(1).strip()
-        used.add(name)
-        ref, first, last = link(lines, name)
-        chunk = lines[first:last + 1]
+        ref, file, first, last = code.link(m.group(1))
+        chunk = code.files[file][first:last + 1]
         cut = min(indent(l) for l in chunk if l.strip())
         return ref + "\n\n```python\n" + "\n".join(l[cut:] for l in chunk) + "\n```"
 
-    def inline(m):
-        used.add(m.group(1).strip())
-        return link(lines, m.group(1).strip())[0]
-
-    body = BLOCK.sub(block, INLINE.sub(inline, src))
-    tags = {m.group(1) for l in lines for m in TAG.finditer(l)}
-    unused = sorted(tags - used)
-    if unused:
-        raise SystemExit(f"docs/build.py: tags in ddpm.py that the walkthrough never uses: {', '.join(unused)}")
-    header = "<!-- Generated by docs/build.py from docs/walkthrough.src.md and ddpm.py. Edit those, then rebuild. -->\n\n"
+    body = BLOCK.sub(block, INLINE.sub(lambda m: code.link(m.group(1))[0], src.read_text()))
+    header = (f"<!-- Generated by docs/build.py from docs/{src.name} and the project's code. "
+              f"Edit those, then rebuild. -->\n\n")
     return header + body
 
 
+def build():
+    """{output path: text} for every chapter; fails on a tag that is missing, doubled or never used."""
+    code = Code()
+    out = {src.with_name(src.name.replace(".src.md", ".md")): build_chapter(src, code)
+           for src in sorted(DOCS.glob("*.src.md"))}
+    if code.unused():
+        raise SystemExit("docs/build.py: tags that no chapter uses: " + ", ".join(f"{f}: {t}" for f, t in code.unused()))
+    return out
+
+
 def main():
-    text = build()
-    if "--check" in sys.argv:
-        if not OUT.exists() or OUT.read_text() != text:
-            raise SystemExit("docs/build.py: docs/walkthrough.md is stale; run python docs/build.py and commit it")
-        print("docs/walkthrough.md is up to date")
-    else:
-        OUT.write_text(text)
-        print(f"wrote {OUT.relative_to(ROOT)}")
+    chapters = build()
+    for path, text in chapters.items():
+        if "--check" in sys.argv:
+            if not path.exists() or path.read_text() != text:
+                raise SystemExit(f"docs/build.py: {path.relative_to(ROOT)} is stale; run python docs/build.py and commit it")
+        else:
+            path.write_text(text)
+    print(("up to date: " if "--check" in sys.argv else "wrote ") + ", ".join(str(p.relative_to(ROOT)) for p in chapters))
 
 
 if __name__ == "__main__":
