@@ -169,6 +169,7 @@ def q_sample(sched, x0, t, eps):
 def q_posterior(sched, x0, xt, t):
     """Mean and variance of q(x_{t-1} | x_t, x_0), the reverse step that training imitates."""
     beta, alpha = sched.at("beta", t), sched.at("alpha", t)
+    # At the first step (index 0) t - 1 is -1, where Schedule.at gives alpha_bar_0 = 1: nothing noised yet.
     alpha_bar, alpha_bar_prev = sched.at("alpha_bar", t), sched.at("alpha_bar", t - 1)
     # [eq. 7, mean] mu_tilde = sqrt(alpha_bar_{t-1}) beta_t / (1 - alpha_bar_t) x_0
     #                  + sqrt(alpha_t) (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) x_t
@@ -194,7 +195,10 @@ def timestep_embedding(t, dim):
 
 
 def norm(c):
-    return nn.GroupNorm(math.gcd(32, c // 4), c)  # the paper's 32 groups; fewer for narrow nets
+    """Group norm with the paper's 32 groups where each group keeps at least 4 channels: gcd(32, c / 4)
+    groups, so 32 for paper32's 128 and 256 channels, but 8 for tiny's 32 and for cars64's 96 (c / 4 = 24
+    has only 8 in common with 32)."""
+    return nn.GroupNorm(math.gcd(32, c // 4), c)
 
 
 def zero(module):
@@ -248,6 +252,9 @@ class Block(nn.Module):
 
 
 class Downsample(nn.Module):
+    """Halve H and W with a strided 3x3 conv. forward takes emb only so that the U-Net's loops can call
+    every layer alike; resampling does not depend on t."""
+
     def __init__(self, c):
         super().__init__()
         self.conv = nn.Conv2d(c, c, 3, stride=2, padding=1)
@@ -257,6 +264,8 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
+    """Double H and W: nearest-neighbour, then a 3x3 conv. Takes emb, unused, as Downsample does."""
+
     def __init__(self, c):
         super().__init__()
         self.conv = nn.Conv2d(c, c, 3, padding=1)
@@ -276,6 +285,8 @@ class UNet(nn.Module):
         self.emb = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.conv_in = nn.Conv2d(3, ch, 3, padding=1)
         # Down: each level's blocks, then halve the resolution; remember every output for the skips.
+        # c: channels of the activation so far; res: its resolution (attention goes where res is in
+        # attn_res); skip_ch: channels of each output kept for a skip, popped in reverse on the way up.
         self.down, skip_ch, c, res = nn.ModuleList(), [ch], ch, cfg.image_size
         for i, mult in enumerate(cfg.ch_mult):
             for _ in range(cfg.num_res_blocks):
@@ -343,9 +354,10 @@ def loss_fn(model, sched, x0, t, eps):
 
 @torch.no_grad()
 def ema_update(ema, model, decay):
-    """EMA of the weights (sec. 4: decay 0.9999): theta_ema <- decay theta_ema + (1 - decay) theta."""
-    # [sec. 4, EMA] one fused op over all tensors: theta_ema += (1 - decay) (theta - theta_ema)
-    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
+    """EMA of the weights (appendix B: decay 0.9999): theta_ema <- decay theta_ema + (1 - decay) theta."""
+    for theta_ema, theta in zip(ema.parameters(), model.parameters()):
+        # [app. B, EMA] theta_ema += (1 - decay) (theta - theta_ema), the same update, as one lerp
+        theta_ema.lerp_(theta, 1 - decay)
 
 
 def lr_at(step, cfg):
@@ -453,7 +465,8 @@ def p_sample(model, sched, xt, t, generator=None, var="beta"):
     mean, beta_tilde = q_posterior(sched, predict_x0(sched, xt, tt, eps_pred), xt, tt)
     # [sec. 3.2] sigma_t^2 = beta_t (the paper's choice) or beta_tilde_t (eq. 7): both gave similar samples
     sigma2 = sched.at("beta", tt) if var == "beta" else beta_tilde
-    # [alg. 2, line 3] z ~ N(0, I) if t > 1, else z = 0: the last step adds no noise, x_0 is the mean
+    # [alg. 2, line 3] z ~ N(0, I) if t > 1, else z = 0, in the paper's count; in this code's index, the last
+    # step is t == 0 (paper step 1), which adds no noise: x_0 is the mean
     if t == 0:
         return mean
     return (mean + sigma2.sqrt() * torch.randn(xt.shape, device=xt.device, generator=generator)).to(xt.dtype)
