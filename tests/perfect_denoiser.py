@@ -70,3 +70,16 @@ def exact_moments(sampler, T, mu, s2, steps=None, eta=0.0, var="beta", beta_1=1e
             A, B = np.sqrt(ap) * p + c * ep, np.sqrt(ap) * q + c * eq
         m, v = A * m + B, A * A * v + sigma2
     return m, v
+
+
+if __name__ == "__main__":  # the table of docs/walkthrough.md: python tests/perfect_denoiser.py
+    s2 = 0.04
+    print(f"| sampler | network calls | variance of the output (data: {s2}) | ratio |\n|---|---|---|---|")
+    for name, kw, calls in [("Algorithm 2, sigma_t^2 = beta_t", dict(sampler="ddpm", var="beta"), 1000),
+                            ("Algorithm 2, sigma_t^2 = beta_tilde_t", dict(sampler="ddpm", var="beta_tilde"), 1000),
+                            ("DDIM, eta = 0", dict(sampler="ddim", steps=1000, eta=0.0), 1000),
+                            ("DDIM, eta = 1", dict(sampler="ddim", steps=1000, eta=1.0), 1000),
+                            ("DDIM, eta = 0", dict(sampler="ddim", steps=50, eta=0.0), 50),
+                            ("DDIM, eta = 1", dict(sampler="ddim", steps=50, eta=1.0), 50)]:
+        v = exact_moments(T=1000, mu=0.0, s2=s2, **kw)[1]
+        print(f"| {name} | {calls} | {v:.4f} | {v / s2:.3f} |")
