@@ -103,8 +103,119 @@ def build():
     return out
 
 
+# ----------------------------------------------------------------------------------------------
+# The side-by-side reader: each chapter also as one HTML page, prose and equations on the left, the code
+# they name on the right. Everything is done here, at build time: equations become MathML (latex2mathml),
+# code is highlighted (Pygments), so the page needs only a browser, no server and no network.
+# Build-time packages: pip install -r requirements-docs.txt
+
+FENCE, CODE_SPAN = re.compile(r"^```(\w*)\n(.*?)^```", re.M | re.S), re.compile(r"`[^`\n]+`")
+DISPLAY, INLINE_MATH = re.compile(r"\$\$(.+?)\$\$", re.S), re.compile(r"\$([^$\n]+?)\$")
+LINK = re.compile(r'href="\.\./([\w/]+\.py)#L(\d+)(?:-L(\d+))?"')
+
+STYLE = """
+body { margin: 0; font: 16px/1.55 Georgia, serif; color: #222; }
+#prose { width: 46%; padding: 1em 2.5em 40vh; box-sizing: border-box; }
+#code { position: fixed; top: 0; right: 0; width: 54%; height: 100vh; overflow: auto; background: #fafafa;
+        border-left: 1px solid #ddd; font: 12.5px/1.45 Menlo, Consolas, monospace; }
+#code .name { position: sticky; top: 0; background: #eee; padding: 0.3em 1em; font-weight: bold; z-index: 1; }
+#code pre { margin: 0; padding: 0.5em 0; }
+#code span[id] { display: block; padding: 0 1em; }
+#code span.lit { background: #fff3b0; }
+#prose pre { background: #f4f4f4; padding: 0.6em; overflow-x: auto; font-size: 13px; }
+#prose code { font-size: 0.9em; }
+#prose a.code { background: #eef4ff; }
+math[display="block"] { margin: 0.8em 0; overflow-x: auto; }
+table { border-collapse: collapse; } td, th { border: 1px solid #ccc; padding: 0.2em 0.5em; }
+img { max-width: 100%; }
+"""
+
+SCRIPT = """
+const lit = [];
+function show(file, first, last, smooth) {
+  document.querySelectorAll('#code .file').forEach(f => f.hidden = f.dataset.file !== file);
+  lit.splice(0).forEach(e => e.classList.remove('lit'));
+  const key = file.replace(/\\W/g, '_');
+  for (let n = first; n <= last; n++) {
+    const line = document.getElementById(key + '-L-' + n);
+    if (line) { line.classList.add('lit'); lit.push(line); }
+  }
+  const top = document.getElementById(key + '-L-' + first);
+  if (top) document.getElementById('code').scrollTo({top: top.offsetTop - 80, behavior: smooth ? 'smooth' : 'auto'});
+}
+document.querySelectorAll('a.code').forEach(a => a.addEventListener('click', e => {
+  e.preventDefault(); show(a.dataset.file, +a.dataset.first, +a.dataset.last, true);
+}));
+const seen = new IntersectionObserver(entries => entries.forEach(e => {
+  const a = e.isIntersecting && e.target.querySelector('a.code');
+  if (a) show(a.dataset.file, +a.dataset.first, +a.dataset.last, true);
+}), {rootMargin: '0px 0px -70% 0px'});
+document.querySelectorAll('#prose section').forEach(s => seen.observe(s));
+const first = document.querySelector('a.code');
+if (first) show(first.dataset.file, +first.dataset.first, +first.dataset.last, false);
+"""
+
+
+def html_page(title, markdown_text, code):
+    """One chapter as a side-by-side HTML page; code: the Code whose files the chapter links to."""
+    import html
+    import markdown
+    from latex2mathml.converter import convert
+    from pygments import highlight
+    from pygments.formatters import HtmlFormatter
+    from pygments.lexers import PythonLexer
+    kept = []
+
+    def keep(text):  # a placeholder that Markdown leaves alone, put back after it ran
+        kept.append(text)
+        return f"KEPT{len(kept) - 1:05d}X"
+
+    def fence(m):
+        lexer = PythonLexer() if m.group(1) == "python" else None
+        body = highlight(m.group(2), lexer, HtmlFormatter(nowrap=True)) if lexer else html.escape(m.group(2))
+        return keep(f"<pre><code>{body}</code></pre>")
+    text = FENCE.sub(fence, markdown_text)
+    text = CODE_SPAN.sub(lambda m: keep(f"<code>{html.escape(m.group(0)[1:-1])}</code>"), text)
+    text = DISPLAY.sub(lambda m: keep(convert(m.group(1).strip(), display="block")), text)
+    text = INLINE_MATH.sub(lambda m: keep(convert(m.group(1).strip())), text)
+    sections = re.split(r"(?m)^(?=## )", text)
+    body = "".join(f"<section>\n{markdown.markdown(s, extensions=['tables'])}\n</section>\n" for s in sections)
+    while "KEPT" in body:
+        body = re.sub(r"KEPT(\d{5})X", lambda m: kept[int(m.group(1))], body)
+    linked = []
+
+    def link(m):
+        file, first = m.group(1), m.group(2)
+        linked.append(file) if file not in linked else None
+        return f'href="#{file}-L{first}" class="code" data-file="{file}" data-first="{first}" data-last="{m.group(3) or first}"'
+    body = LINK.sub(link, body)
+    panes = "".join(  # Pygments wraps line n of file f in <span id="f-L-n">, f with _ for its dot
+        f'<div class="file" data-file="{f}"><div class="name">{f}</div>'
+        + highlight("\n".join(code.files[f]) + "\n", PythonLexer(), HtmlFormatter(linespans=re.sub(r"\W", "_", f) + "-L"))
+        + "</div>" for f in linked)
+    panes = re.sub(r'<span id="(\w+)-L-(\d+)">', lambda m: f'<span id="{m.group(1)}-L-{m.group(2)}">'
+                   f'<span style="color:#999;user-select:none">{int(m.group(2)):4d}  </span>', panes)
+    return (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>\n'
+            f"<style>{STYLE}{HtmlFormatter().get_style_defs('pre')}</style></head>\n<body>\n"
+            f'<!-- Generated by docs/build.py. Edit the .src.md and the code, then rebuild. -->\n'
+            f'<div id="prose">\n{body}</div>\n<div id="code">{panes}</div>\n<script>{SCRIPT}</script>\n</body></html>\n')
+
+
+def build_html(chapters):
+    """{docs/NAME.html: page} for the chapters, or {} when the build-time packages are missing."""
+    try:
+        import latex2mathml, markdown, pygments  # noqa: F401
+    except ImportError as e:
+        print(f"note: the HTML pages were not built ({e}); pip install -r requirements-docs.txt", file=sys.stderr)
+        return {}
+    code = Code()
+    return {path.with_suffix(".html"): html_page(text.split("\n", 3)[2].lstrip("# "), text, code)
+            for path, text in chapters.items()}
+
+
 def main():
     chapters = build()
+    chapters.update(build_html(chapters))
     for path, text in chapters.items():
         if "--check" in sys.argv:
             if not path.exists() or path.read_text() != text:

@@ -19,6 +19,29 @@ def test_every_chapter_is_built_from_the_current_code():
             assert f.read() == text, f"{path} is stale: run python docs/build.py"
 
 
+def test_the_side_by_side_page_has_every_equation_in_mathml_and_every_link_on_a_line():
+    pytest.importorskip("latex2mathml", reason="pip install -r requirements-docs.txt")
+    chapters = docs_build.build()
+    pages = docs_build.build_html(chapters)
+    assert pages, "no HTML page was built"
+    for path, page in pages.items():
+        with open(path) as f:
+            assert f.read() == page, f"{path} is stale: run python docs/build.py"
+        markdown_text = chapters[path.with_suffix(".md")]
+        prose = page[page.index('<div id="prose">'):page.index('<div id="code">')]
+        outside = re.sub(r"<pre>.*?</pre>|<code>.*?</code>|<math.*?</math>", "", prose, flags=re.S)
+        assert "$" not in outside, "an equation was left as LaTeX"
+        no_code = docs_build.CODE_SPAN.sub("", docs_build.FENCE.sub("", markdown_text))
+        equations = len(docs_build.DISPLAY.findall(no_code)) + len(docs_build.INLINE_MATH.findall(docs_build.DISPLAY.sub("", no_code)))
+        assert prose.count("<math") == equations > 100
+        lines = set(re.findall(r'<span id="(\w+-L-\d+)">', page))
+        links = re.findall(r'data-file="([\w./]+)" data-first="(\d+)" data-last="(\d+)"', page)
+        assert len(links) == markdown_text.count("](../") - markdown_text.count("](../assets/")
+        for file, first, last in links:
+            key = re.sub(r"\W", "_", file)
+            assert f"{key}-L-{first}" in lines and f"{key}-L-{last}" in lines, (file, first, last)
+
+
 def test_docs_links_point_into_any_project_file():
     code = docs_build.Code()
     ref, file, first, last = code.link("evaluate.py: def decoder_nll")
