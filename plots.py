@@ -6,7 +6,7 @@
 Kept out of ddpm.py, which holds the model and its math; this file only calls into it.
 """
 
-import argparse, csv, os, signal, sys
+import argparse, csv, math, os, signal, sys
 
 if __name__ == "__main__":  # Ctrl-C while torch loads exits quietly; main() then handles it as usual
     signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
@@ -47,6 +47,54 @@ def schedule_plot(T, path):
             ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def unet_plot(cfg, path):
+    """The U-Net's wiring, read from the network that ddpm.UNet(cfg) builds: one box per layer, at the height
+    of its resolution, with its output channels; attention in orange; a line for every skip connection,
+    from the output it keeps on the way down to the block that takes it on the way up."""
+    net, res = ddpm.UNet(cfg), cfg.image_size
+    boxes, skips = [("conv_in", cfg.ch, res, False)], [0]  # (label, channels, resolution, attention)
+    for layer in net.down:
+        if isinstance(layer, ddpm.Downsample):
+            res //= 2
+            boxes.append(("down", layer.conv.out_channels, res, False))
+        else:
+            boxes.append(("block", layer.res.conv2.out_channels, res, not isinstance(layer.attn, torch.nn.Identity)))
+        skips.append(len(boxes) - 1)
+    for layer in net.mid:
+        boxes.append(("mid", layer.res.conv2.out_channels, res, not isinstance(layer.attn, torch.nn.Identity)))
+    links = []
+    for layer in net.up:
+        if isinstance(layer, ddpm.Upsample):
+            res *= 2
+            boxes.append(("up", layer.conv.out_channels, res, False))
+        else:
+            boxes.append(("block", layer.res.conv2.out_channels, res, not isinstance(layer.attn, torch.nn.Identity)))
+            links.append((skips.pop(), len(boxes) - 1))
+    boxes.append(("out", 3, res, False))
+    level = lambda r: -math.log2(cfg.image_size // r)
+    fig, ax = plt.subplots(figsize=(max(8, 0.55 * len(boxes)), 4.2))
+    for i, j in links:  # skips first, so that the boxes cover their ends
+        yi, yj = level(boxes[i][2]), level(boxes[j][2])
+        ax.annotate("", (j, yj + 0.28), (i, yi + 0.28), arrowprops=dict(arrowstyle="->", color="#7a9cc6", lw=0.9,
+                                                                          connectionstyle=f"arc3,rad={-0.25 * min(1, 8 / (j - i))}"))
+    for k, (label, c, r, attn) in enumerate(boxes):
+        ax.add_patch(plt.Rectangle((k - 0.4, level(r) - 0.22), 0.8, 0.44, color="#f4a261" if attn else "#dde6f0", ec="#555"))
+        ax.text(k, level(r), f"{label}\n{c}", ha="center", va="center", fontsize=6.5)
+    for k in range(len(boxes) - 1):
+        ax.plot([k + 0.4, k + 0.6], [level(boxes[k][2]), level(boxes[k + 1][2])], color="#555", lw=0.8)
+    ys = sorted({level(b[2]) for b in boxes})
+    ax.set_yticks(ys, [f"{cfg.image_size // 2 ** round(-y)}x{cfg.image_size // 2 ** round(-y)}" for y in ys])
+    ax.set(xlim=(-0.7, len(boxes) - 0.3), ylim=(min(ys) - 0.5, max(ys) + 1.3), xticks=[])
+    for side in ("top", "right", "bottom"):
+        ax.spines[side].set_visible(False)
+    n = sum(p.numel() for p in net.parameters()) / 1e6
+    ax.set_title(f"U-Net of the {cfg.preset} preset ({n:.1f}M parameters): channels per layer, orange = self-attention, "
+                 f"blue = skip connections", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
@@ -110,6 +158,8 @@ def visualize(ckpt_path, out_dir, seed=0, n=36):
     plumbing.writable_dir(out_dir, "--out")
     out = lambda name: os.path.join(out_dir, name)
     schedule_plot(cfg.T, out("schedule.png"))
+    for preset in ("tiny", "paper32"):
+        unet_plot(ddpm.make_config(preset), out(f"unet_{preset}.png"))
     sched = ddpm.Schedule.from_config(cfg)
     data = images.load(cfg)
     forward_plot(sched, data[torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:4]], out("forward.png"))
@@ -141,7 +191,7 @@ def visualize(ckpt_path, out_dir, seed=0, n=36):
     fig.savefig(out("ema_vs_raw.png"), dpi=110)
     plt.close(fig)
     plumbing.save_grid(grids["ema"], out("samples.png"), nrow=6)
-    print(f"wrote schedule.png, forward.png, reverse.png, reverse.gif, loss.png, ema_vs_raw.png and "
+    print(f"wrote schedule.png, unet_tiny.png, unet_paper32.png, forward.png, reverse.png, reverse.gif, loss.png, ema_vs_raw.png and "
           f"samples.png to {out_dir} ({what})")
 
 
