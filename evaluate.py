@@ -96,7 +96,7 @@ def reverse_var(sched, t):
     paper's code uses beta_tilde_2 instead of beta_1 "to get a better decoder log likelihood"
     (hojonathanho/diffusion, diffusion_tf/diffusion_utils_2.py, p_mean_variance, 'fixedlarge'). It is
     the narrower of the two (5.45e-5 against 1e-4 for the linear schedule): a sharper decoder, which
-    gives the data's own pixel level more of its mass."""
+    gives the data's own pixel level more of its mass when its mean lies within about sigma of x_0."""
     beta_tilde_2 = (1 - sched.alpha_bar[0]) / (1 - sched.alpha_bar[1]) * sched.beta[1]  # [eq. 7] at t = 2
     return torch.where(t.view(-1, 1, 1, 1) == 0, beta_tilde_2, sched.at("beta", t))
 

@@ -98,6 +98,44 @@ def unet_plot(cfg, path):
     plt.close(fig)
 
 
+def perfect_plot(path, T=1000, n=20_000):
+    """What ddpm.py's samplers draw with a perfect network (perfect_denoiser.py), one value per image. Left:
+    Gaussian data N(0, 0.04), each sampler's histogram against the data's density and the exact density the
+    float64 recursion predicts for it. Right: a mixture of two narrow modes, weights 0.3 and 0.7."""
+    import numpy as np
+    from perfect_denoiser import MixtureDenoiser, exact_moments
+    sched = ddpm.Schedule(ddpm.linear_beta(T))
+    runs = [("Algorithm 2, 1000 calls", dict(sampler="ddpm"), lambda m, g: ddpm.p_sample_loop(m, sched, (n, 1, 1, 1), g)),
+            ("DDIM eta 0, 50 calls", dict(sampler="ddim", steps=50, eta=0.0),
+             lambda m, g: ddpm.ddim_sample(m, sched, (n, 1, 1, 1), 50, 0.0, g)),
+            ("DDIM eta 1, 50 calls", dict(sampler="ddim", steps=50, eta=1.0),
+             lambda m, g: ddpm.ddim_sample(m, sched, (n, 1, 1, 1), 50, 1.0, g))]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    grid = np.linspace(-0.8, 0.8, 400)
+    density = lambda v: np.exp(-grid ** 2 / (2 * v)) / np.sqrt(2 * np.pi * v)
+    axes[0].plot(grid, density(0.04), "k", lw=2, label="the data, N(0, 0.04)")
+    mixture = MixtureDenoiser(T, [-0.5, 0.5], [0.05, 0.05], [0.3, 0.7])
+    with torch.no_grad():
+        for (label, kw, run), color in zip(runs, ("#1f77b4", "#d62728", "#2ca02c")):
+            x = run(MixtureDenoiser(T, [0.0], [0.2]), torch.Generator().manual_seed(0))[0].flatten().numpy()
+            v = exact_moments(T=T, mu=0.0, s2=0.04, **kw)[1]
+            axes[0].hist(x, bins=80, range=(-0.8, 0.8), density=True, histtype="step", color=color,
+                         label=f"{label}: sampled, variance {x.var():.4f}")
+            axes[0].plot(grid, density(v), "--", color=color, lw=1, label=f"  exact recursion, {v:.4f}")
+            y = run(mixture, torch.Generator().manual_seed(1))[0].flatten().numpy()
+            axes[1].hist(y, bins=120, range=(-0.8, 0.8), density=True, histtype="step", color=color,
+                         label=f"{label}: {100 * (y > 0).mean():.1f}% in the right mode")
+    axes[0].set_title("Gaussian data: fewer steps, narrower samples", fontsize=10)
+    axes[1].set_title("two modes, weights 0.3 and 0.7: both kept, in proportion", fontsize=10)
+    for ax in axes:
+        ax.legend(fontsize=7)
+        ax.set(xlabel="value", yticks=[])
+    fig.suptitle(f"ddpm.py's samplers with the perfect denoiser (no training), {n} samples each", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def forward_plot(sched, data, path, steps=(0, 49, 99, 199, 399, 599, 799, 999)):
     """Rows: training images (uint8); columns: x_t = q_sample(x_0, t) at several t (index 0 is one step of noise)."""
     x0 = ddpm.get_batch(data, torch.arange(len(data)), torch.zeros(len(data), dtype=torch.bool))
@@ -160,6 +198,7 @@ def visualize(ckpt_path, out_dir, seed=0, n=36):
     schedule_plot(cfg.T, out("schedule.png"))
     for preset in ("tiny", "paper32"):
         unet_plot(ddpm.make_config(preset), out(f"unet_{preset}.png"))
+    perfect_plot(out("perfect_denoiser.png"))
     sched = ddpm.Schedule.from_config(cfg)
     data = images.load(cfg)
     forward_plot(sched, data[torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:4]], out("forward.png"))
@@ -191,7 +230,7 @@ def visualize(ckpt_path, out_dir, seed=0, n=36):
     fig.savefig(out("ema_vs_raw.png"), dpi=110)
     plt.close(fig)
     plumbing.save_grid(grids["ema"], out("samples.png"), nrow=6)
-    print(f"wrote schedule.png, unet_tiny.png, unet_paper32.png, forward.png, reverse.png, reverse.gif, loss.png, ema_vs_raw.png and "
+    print(f"wrote schedule.png, unet_tiny.png, unet_paper32.png, perfect_denoiser.png, forward.png, reverse.png, reverse.gif, loss.png, ema_vs_raw.png and "
           f"samples.png to {out_dir} ({what})")
 
 

@@ -1,5 +1,6 @@
 """The perfect denoiser: the best possible eps_theta for data whose distribution is known, in closed form,
-so that the samplers can be checked without training (a fixture for the tests, not part of the model).
+so that the samplers can be checked without training: a fixture for the tests and the pictures, not part
+of the model.
 
 For Gaussian data x_0 ~ N(mu, s^2 I), x_t = sqrt(ab) x_0 + sqrt(1 - ab) eps is Gaussian too, jointly with
 eps, and the eps_theta that minimizes L_simple is the conditional mean (ab = alpha_bar_t):
@@ -72,7 +73,7 @@ def exact_moments(sampler, T, mu, s2, steps=None, eta=0.0, var="beta", beta_1=1e
     return m, v
 
 
-if __name__ == "__main__":  # the table of docs/walkthrough.md: python tests/perfect_denoiser.py
+if __name__ == "__main__":  # the table of docs/walkthrough.md: python perfect_denoiser.py
     s2 = 0.04
     print(f"| sampler | network calls | variance of the output (data: {s2}) | ratio |\n|---|---|---|---|")
     for name, kw, calls in [("Algorithm 2, sigma_t^2 = beta_t", dict(sampler="ddpm", var="beta"), 1000),
