@@ -39,6 +39,8 @@ class MixtureDenoiser(torch.nn.Module):
         mean, var = ab.sqrt() * self.mus.view(-1, 1, 1, 1, 1), ab * self.vars.view(-1, 1, 1, 1, 1) + 1 - ab
         # each component's eps estimate, and its posterior probability from the marginal N(mean, var I) of x_t
         eps_k = (1 - ab).sqrt() / var * (x - mean)
+        if len(self.mus) == 1:  # one Gaussian: no weighing needed
+            return eps_k[0].float()
         log_p = self.log_w.view(-1, 1) - 0.5 * (((x - mean) ** 2 / var) + var.log()).flatten(2).sum(2)
         post = torch.softmax(log_p, dim=0).view(*log_p.shape, 1, 1, 1)
         return (post * eps_k).sum(0).float()
