@@ -430,10 +430,10 @@ def train(cfg, resume=False):
         if step % cfg.log_every == 0 or step % cfg.ckpt_every == 0 or step == cfg.steps:
             log.write(step, lr_at(step, cfg))  # stops the run if the loss is no longer finite, before any save
         with log.paused():  # previews and checkpoints do not count towards images/s
+            if run.master and (step % cfg.ckpt_every == 0 or step == cfg.steps):  # the checkpoint first: it matters more
+                plumbing.save_checkpoint(s, step, run.ckpt_path, cfg.keep_ckpts)
             if run.master and (step % cfg.sample_every == 0 or step == cfg.steps):
                 preview(s, os.path.join(run.out_dir, "samples", f"step{step:07d}.png"))
-            if run.master and (step % cfg.ckpt_every == 0 or step == cfg.steps):
-                plumbing.save_checkpoint(s, step, run.ckpt_path, cfg.keep_ckpts)
     log.close()
     if stop:
         plumbing.interrupted(s, step, run)  # saves this step, says how to go on, exits
