@@ -2,8 +2,8 @@
 Denoising Diffusion Probabilistic Models (Ho, Jain and Abbeel 2020, arXiv:2006.11239) in one file.
 
 Read it top to bottom beside docs/walkthrough.md: config, noise schedule, forward process, U-Net,
-Algorithm 1 (the loss and one training step), the training loop, Algorithm 2 and DDIM, and the
-`train` and `sample` commands. What is not DDPM lives beside it: images.py (toy cars, image
+Algorithm 1 (the loss and one training step), the training loop, Algorithm 2 and the faster samplers,
+and the `train` and `sample` commands. What is not DDPM lives beside it: images.py (toy cars, image
 folders, Stanford Cars) and plumbing.py (checkpoints, devices, torchrun, the command line's checks).
 
     python ddpm.py train                          # tiny preset on built-in toy cars, a few CPU minutes
@@ -444,7 +444,7 @@ def train(cfg, resume=False):
 
 
 # ----------------------------------------------------------------------------------------------
-# Sampling: Algorithm 2 (ancestral, T steps) and DDIM (Song et al. 2021, any number of steps).
+# Sampling: Algorithm 2 (all T steps, or respaced), DDIM and DPM-Solver++ (any number of steps).
 
 def predict_x0(sched, xt, t, eps_pred):
     """Invert eq. 4: x_0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t), clipped to [-1, 1].
@@ -485,17 +485,40 @@ def p_sample_loop(model, sched, shape, generator=None, device="cpu", keep=(), va
     return x, trajectory
 
 
+def timesteps(sched, steps, grid="uniform"):
+    """`steps` distinct time indices from T-1 down to 0, where a sampler calls the network: evenly spaced in t
+    ("uniform", DDIM's choice) or in lambda = log(sqrt(alpha_bar) / sqrt(1 - alpha_bar)), half the log
+    signal-to-noise ratio ("lambda", DPM-Solver's), which puts more of them near t = 0."""
+    if grid == "uniform":
+        return torch.linspace(sched.T - 1, 0, steps).round().long()
+    lam = 0.5 * (sched.alpha_bar / (1 - sched.alpha_bar)).log().cpu()  # falls as t grows
+    ts = (lam.view(1, -1) - torch.linspace(lam[-1], lam[0], steps).view(-1, 1).double()).abs().argmin(1)
+    # Where lambda is steep, several targets round to one index. Make them distinct, T-1 > ... > 0: with k the
+    # steps left after each, ts - k must lie in [0, T - steps] and not rise from one to the next (a running max).
+    k = torch.arange(steps - 1, -1, -1)
+    return (ts - k).clamp(0, sched.T - steps).flip(0).cummax(0).values.flip(0) + k
+
+
+def respace(model, sched, ts):
+    """[Improved DDPM, sec. 4] Algorithm 2 on the subsequence ts of the steps: keep alpha_bar there, recompute
+    beta_i = 1 - alpha_bar_{t_i} / alpha_bar_{t_(i-1)}, and feed the model the original index. The short chain
+    then has the marginals q(x_t | x_0) of the long one. Returns (model, schedule) for p_sample_loop."""
+    ts = ts.flip(0).to(sched.alpha_bar.device)  # ascending
+    alpha_bar = sched.alpha_bar[ts]
+    beta = 1 - alpha_bar / torch.cat([alpha_bar.new_ones(1), alpha_bar[:-1]])
+    return (lambda x, i: model(x, ts[i])), Schedule(beta.cpu()).to(sched.alpha_bar.device)
+
+
 @torch.no_grad()
-def ddim_sample(model, sched, shape, steps=50, eta=0.0, generator=None, device="cpu", keep=()):
+def ddim_sample(model, sched, shape, steps=50, eta=0.0, generator=None, device="cpu", keep=(), grid="uniform"):
     """DDIM (Song, Meng and Ermon 2021, arXiv:2010.02502, eq. 12) on `steps` of the T indices.
     The same trained eps_theta serves: only the marginals q(x_t | x_0) of training matter, and
     DDIM picks a non-Markovian process with those marginals that can skip steps. eta = 0 is
     deterministic; eta = 1 with all steps is DDPM with sigma_t^2 = beta_tilde_t."""
-    ts = torch.linspace(sched.T - 1, 0, steps, device=device).round().long().unique_consecutive()
+    ts = timesteps(sched, steps, grid).tolist()
     x = torch.randn(shape, device=device, generator=generator)
     trajectory = {sched.T: x} if sched.T in keep else {}
-    for i, t in enumerate(ts.tolist()):
-        t_prev = ts[i + 1].item() if i + 1 < len(ts) else -1  # -1: the last step lands on x_0
+    for t, t_prev in zip(ts, ts[1:] + [-1]):  # -1: the last step lands on x_0
         tt, tt_prev = torch.full((shape[0],), t, device=device), torch.full((shape[0],), t_prev, device=device)
         alpha_bar, alpha_bar_prev = sched.at("alpha_bar", tt), sched.at("alpha_bar", tt_prev)
         x0 = predict_x0(sched, x, tt, model(x, tt).float())
@@ -510,6 +533,38 @@ def ddim_sample(model, sched, shape, steps=50, eta=0.0, generator=None, device="
         if t_prev + 1 in keep:  # x now sits at paper step t_prev + 1
             trajectory[t_prev + 1] = x
     return x, trajectory
+
+
+@torch.no_grad()
+def dpm_solver_sample(model, sched, shape, steps=20, generator=None, device="cpu", grid="lambda"):
+    """DPM-Solver++(2M) (Lu et al. 2022, arXiv:2211.01095), multistep: the probability-flow ODE solved in lambda
+    with the network's x_0, corrected to second order with the x_0 of the step before. Without the correction
+    it is DDIM with eta = 0. Returns x_0."""
+    ts, x, x0_before = timesteps(sched, steps, grid).tolist(), torch.randn(shape, device=device, generator=generator), None
+    for t, t_next in zip(ts, ts[1:] + [-1]):
+        tt, tt_next = torch.full((shape[0],), t, device=device), torch.full((shape[0],), t_next, device=device)
+        alpha_bar, alpha_bar_next = sched.at("alpha_bar", tt), sched.at("alpha_bar", tt_next)
+        x0 = predict_x0(sched, x, tt, model(x, tt).float())
+        if t_next < 0:  # the last step, to lambda = infinity, is first order: x_0 is the prediction itself
+            return x0
+        h = 0.5 * ((alpha_bar_next / (1 - alpha_bar_next)).log() - (alpha_bar / (1 - alpha_bar)).log())  # lambda's step
+        # [dpm++ 2M] D = (1 + 1/(2r)) x0 - 1/(2r) x0_before, r = h_before / h; first order where r < 1/2
+        D = x0 if x0_before is None or (h > 2 * h_before).any() else x0 + (x0 - x0_before) * h / (2 * h_before)
+        # [dpm++ step] x_next = sigma_next / sigma x - alpha_next (e^-h - 1) D, sigma = sqrt(1 - alpha_bar)
+        x = (((1 - alpha_bar_next) / (1 - alpha_bar)).sqrt() * x - alpha_bar_next.sqrt() * torch.expm1(-h) * D).float()
+        x0_before, h_before = x0, h
+
+
+def draw(model, sched, shape, sampler="ddpm", steps=None, eta=1.0, grid=None, generator=None, device="cpu"):
+    """x_0 from a sampler by name: "ddpm" (Algorithm 2, respaced when steps < T), "ddim" or "dpm++". The
+    default steps: T for ddpm, else 50; the default grid (see timesteps): lambda for dpm++, else uniform."""
+    steps, grid = steps or (sched.T if sampler == "ddpm" else min(50, sched.T)), grid or ("lambda" if sampler == "dpm++" else "uniform")
+    if sampler == "ddpm":
+        model, sched = respace(model, sched, timesteps(sched, steps, grid)) if steps < sched.T else (model, sched)
+        return p_sample_loop(model, sched, shape, generator, device)[0]
+    if sampler == "ddim":
+        return ddim_sample(model, sched, shape, steps, eta, generator, device, grid=grid)[0]
+    return dpm_solver_sample(model, sched, shape, steps, generator, device, grid)
 
 
 def preview(s, path):
@@ -542,20 +597,15 @@ def sample(args):
     out = args.out or os.path.join(os.path.dirname(path), f"sample_{args.sampler}.png")
     plumbing.writable_dir(os.path.dirname(out) or ".", "--out")
     sched, g = Schedule.from_config(cfg).to(device), torch.Generator(device).manual_seed(args.seed)
-    shape = (args.n, 3, cfg.image_size, cfg.image_size)
-    t0 = time.time()
-    with torch.inference_mode(), plumbing.autocast("auto", device):
-        if args.sampler == "ddpm":
-            x, _ = p_sample_loop(model, sched, shape, g, device)
-        else:
-            x, _ = ddim_sample(model, sched, shape, args.steps, args.eta, g, device)
+    t0, how = time.time(), f"{args.sampler} with {args.steps} steps" + (f", {args.grid} grid" if args.steps < cfg.T else "")
+    with torch.inference_mode(), plumbing.autocast("auto", device), plumbing.progress(model, args.steps, how) as net:
+        x = draw(net, sched, (args.n, 3, cfg.image_size, cfg.image_size), args.sampler, args.steps, args.eta, args.grid, g, device)
     plumbing.check_finite(x, "the samples")
     plumbing.save_grid(x, out)
     if args.individual:
         plumbing.save_images(x, args.individual)
-    steps = sched.T if args.sampler == "ddpm" else args.steps
-    print(f"wrote {out}: {args.n} samples, {args.sampler} with {steps} steps, "
-          f"{'raw' if args.raw else 'EMA'} weights of step {ckpt['step']}, in {time.time() - t0:.1f} s")
+    print(f"wrote {out}: {args.n} samples, {how}, {'raw' if args.raw else 'EMA'} weights of step {ckpt['step']}, "
+          f"in {time.time() - t0:.1f} s")
 
 
 def main(argv=None):

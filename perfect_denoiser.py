@@ -46,33 +46,59 @@ class MixtureDenoiser(torch.nn.Module):
         return (post * eps_k).sum(0).float()
 
 
-def exact_moments(sampler, T, mu, s2, steps=None, eta=0.0, var="beta", beta_1=1e-4, beta_T=0.02):
+def grid(ab, steps, kind="uniform"):
+    """The time indices a sampler visits, T-1 down to 0, computed here without ddpm.py: evenly spaced in t, or
+    nearest to evenly spaced values of lambda = log(sqrt(ab / (1 - ab))), made distinct by moving crowded
+    indices the least way that fits."""
+    T = len(ab)
+    if kind == "uniform":
+        return [int(i) for i in np.round(np.linspace(T - 1, 0, steps))]
+    lam = 0.5 * np.log(ab / (1 - ab))
+    ts = [int(np.abs(lam - target).argmin()) for target in np.linspace(lam[-1], lam[0], steps)]
+    for j in range(steps):  # room above: index j leaves j indices above it
+        ts[j] = min(ts[j], T - 1 - j)
+    for j in reversed(range(steps - 1)):  # distinct: each above the one after it
+        ts[j] = max(ts[j], ts[j + 1] + 1)
+    return ts
+
+
+def exact_moments(sampler, T, mu, s2, steps=None, eta=0.0, var="beta", kind="uniform", beta_1=1e-4, beta_T=0.02):
     """Mean and variance of one value of a sampler's output with the perfect denoiser of N(mu, s2), in
-    float64: sampler "ddpm" (Algorithm 2, sigma_t^2 = beta_t or beta_tilde_t) or "ddim" (eta, steps)."""
+    float64: "ddpm" (Algorithm 2 with sigma^2 = beta or beta_tilde, respaced on `steps` of the T steps),
+    "ddim" (eta) or "dpm++" (DPM-Solver++(2M)), on the grid `kind`. The output is tracked as a constant plus
+    coefficients on x_T and on each step's fresh noise, all independent N(0, 1)."""
     beta, ab = linear_alpha_bar(T, beta_1, beta_T)
+    ts = grid(ab, steps or T, kind)
+    nxt = ts[1:] + [-1]
     ab_at = lambda i: 1.0 if i < 0 else ab[i]
-    if sampler == "ddpm":
-        ts = list(range(T - 1, -1, -1))
-    else:
-        ts = list(dict.fromkeys(np.round(np.linspace(T - 1, 0, steps)).astype(int).tolist()))
-    m, v = 0.0, 1.0  # x_T ~ N(0, 1)
-    for j, i in enumerate(ts):
-        a = ab[i]
+    x, b = np.eye(len(ts) + 1)[0], mu * 0.0  # x = x . (x_T, z_1, z_2, ...) + b
+    x0_before = h_before = None
+    for j, (i, i_next) in enumerate(zip(ts, nxt)):
+        a, ap = ab[i], ab_at(i_next)
         k = np.sqrt(1 - a) / (a * s2 + 1 - a)  # eps_pred = k (x - sqrt(a) mu)
         p, q = (1 - np.sqrt(1 - a) * k) / np.sqrt(a), k * np.sqrt(1 - a) * mu  # x0_pred = p x + q
-        if sampler == "ddpm":  # the posterior mean at x0_pred (eq. 7), plus noise except at the last step
-            ap = ab_at(i - 1)
-            c0, ct = np.sqrt(ap) * beta[i] / (1 - a), np.sqrt(1 - beta[i]) * (1 - ap) / (1 - a)
-            A, B = c0 * p + ct, c0 * q
-            sigma2 = 0.0 if i == 0 else beta[i] if var == "beta" else (1 - ap) / (1 - a) * beta[i]
-        else:  # DDIM eq. 12 with the eps that fits x0_pred
-            ap = ab_at(ts[j + 1] if j + 1 < len(ts) else -1)
-            ep, eq = (1 - np.sqrt(a) * p) / np.sqrt(1 - a), -np.sqrt(a) * q / np.sqrt(1 - a)
+        x0 = (p * x, p * b + q)
+        z = np.eye(len(ts) + 1)[j + 1]  # this step's fresh noise
+        if sampler == "ddpm":  # the posterior mean at x0_pred (eq. 7) for the step's beta, plus noise but at the end
+            bt = 1 - a / ap  # the respaced beta; the schedule's own when all T steps are taken
+            c0, ct = np.sqrt(ap) * bt / (1 - a), np.sqrt(1 - bt) * (1 - ap) / (1 - a)
+            sigma2 = 0.0 if i_next < 0 else bt if var == "beta" else (1 - ap) / (1 - a) * bt
+            x, b = c0 * x0[0] + ct * x + np.sqrt(sigma2) * z, c0 * x0[1] + ct * b
+        elif sampler == "ddim":  # eq. 12 with the eps that fits x0_pred
+            eps = ((x - np.sqrt(a) * x0[0]) / np.sqrt(1 - a), (b - np.sqrt(a) * x0[1]) / np.sqrt(1 - a))
             sigma2 = eta ** 2 * (1 - ap) / (1 - a) * (1 - a / ap)
             c = np.sqrt(1 - ap - sigma2)
-            A, B = np.sqrt(ap) * p + c * ep, np.sqrt(ap) * q + c * eq
-        m, v = A * m + B, A * A * v + sigma2
-    return m, v
+            x, b = np.sqrt(ap) * x0[0] + c * eps[0] + np.sqrt(sigma2) * z, np.sqrt(ap) * x0[1] + c * eps[1]
+        elif i_next < 0:  # dpm++, the last step: x_0 is the prediction
+            x, b = x0
+        else:  # dpm++: the exponential integrator in lambda with the second-order D (Lu et al. 2022, alg. 2)
+            h = 0.5 * np.log(ap / (1 - ap)) - 0.5 * np.log(a / (1 - a))
+            w = 0.0 if x0_before is None or h > 2 * h_before else h / (2 * h_before)
+            D = x0 if w == 0 else ((1 + w) * x0[0] - w * x0_before[0], (1 + w) * x0[1] - w * x0_before[1])
+            r, c = np.sqrt((1 - ap) / (1 - a)), -np.sqrt(ap) * np.expm1(-h)
+            x, b = r * x + c * D[0], r * b + c * D[1]
+            x0_before, h_before = x0, h
+    return b, float(x @ x)
 
 
 if __name__ == "__main__":  # the table of docs/walkthrough.md: python perfect_denoiser.py
@@ -83,6 +109,10 @@ if __name__ == "__main__":  # the table of docs/walkthrough.md: python perfect_d
                             ("DDIM, eta = 0", dict(sampler="ddim", steps=1000, eta=0.0), 1000),
                             ("DDIM, eta = 1", dict(sampler="ddim", steps=1000, eta=1.0), 1000),
                             ("DDIM, eta = 0", dict(sampler="ddim", steps=50, eta=0.0), 50),
-                            ("DDIM, eta = 1", dict(sampler="ddim", steps=50, eta=1.0), 50)]:
+                            ("DDIM, eta = 1", dict(sampler="ddim", steps=50, eta=1.0), 50),
+                            ("Algorithm 2 respaced, sigma_t^2 = beta_t", dict(sampler="ddpm", steps=50), 50),
+                            ("DDIM, eta = 0, lambda grid", dict(sampler="ddim", steps=20, kind="lambda"), 20),
+                            ("DPM-Solver++(2M), lambda grid", dict(sampler="dpm++", steps=20, kind="lambda"), 20),
+                            ("DPM-Solver++(2M), lambda grid", dict(sampler="dpm++", steps=10, kind="lambda"), 10)]:
         v = exact_moments(T=1000, mu=0.0, s2=s2, **kw)[1]
         print(f"| {name} | {calls} | {v:.4f} | {v / s2:.3f} |")

@@ -536,9 +536,7 @@ def parse_args(Config, description, argv=None):
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     s.add_argument("--ckpt", help="checkpoint file; default: the newest runs/*/ckpt.pt")
     s.add_argument("--n", type=int, default=64, help="how many images")
-    s.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm", help="ddpm: Algorithm 2, all T steps; ddim: --steps steps")
-    s.add_argument("--steps", type=int, help="DDIM steps (default: 50, or T if the model has fewer)")
-    s.add_argument("--eta", type=float, default=1.0, help="DDIM noise: 1 like DDPM, forgiving of short training; 0 deterministic")
+    add_sampler_args(s)
     s.add_argument("--seed", type=int, default=0, help="seed of the starting noise")
     s.add_argument("--out", help="PNG grid to write; default: sample_<sampler>.png beside the checkpoint")
     s.add_argument("--individual", metavar="DIR", help="also write each image as DIR/00000.png, ...")
@@ -550,13 +548,24 @@ def parse_args(Config, description, argv=None):
     return args
 
 
+def add_sampler_args(p):
+    """The flags that choose a sampler, for sample and evaluate.py."""
+    p.add_argument("--sampler", choices=("ddpm", "ddim", "dpm++"), default="ddpm",
+                   help="ddpm: Algorithm 2 (respaced when --steps < T); ddim: DDIM; dpm++: DPM-Solver++(2M)")
+    p.add_argument("--steps", type=int, help="network calls (default: T for ddpm, 50 for the others, at most T)")
+    p.add_argument("--eta", type=float, default=1.0, help="DDIM noise: 1 like DDPM, forgiving of short training; 0 deterministic")
+    p.add_argument("--grid", choices=("uniform", "lambda"),
+                   help="where the steps fall: evenly in t, or in log-SNR (default: lambda for dpm++, uniform for the others)")
+
+
 def check_sample_args(args, cfg, UNet, device, at_once):
     """sample's and evaluate.py's flags, against the checkpoint's config cfg; at_once: how many images are
-    sampled together. Fills in the default --steps, which depends on the model's T."""
-    args.steps = min(50, cfg.T) if args.steps is None else args.steps
+    sampled together. Fills in the default --steps and --grid, which depend on the model's T and the sampler."""
+    args.steps = (cfg.T if args.sampler == "ddpm" else min(50, cfg.T)) if args.steps is None else args.steps
+    args.grid = args.grid or ("lambda" if args.sampler == "dpm++" else "uniform")
     if not 1 <= args.n <= MAX_INT:
         raise UserError(f"--n {args.n}: the number of images must be at least 1.")
-    if args.sampler != "ddpm" and not 1 <= args.steps <= cfg.T:  # Algorithm 2 takes all T steps
+    if not 1 <= args.steps <= cfg.T:
         raise UserError(f"--steps {args.steps}: the model has T = {cfg.T} steps, so a sampler can take from 1 to {cfg.T}.")
     if not 0 <= args.eta <= 1:  # also refuses nan
         raise UserError(f"--eta {args.eta}: DDIM's eta must lie in [0, 1] (0: deterministic, 1: the noise of DDPM); "
@@ -568,6 +577,19 @@ def check_sample_args(args, cfg, UNet, device, at_once):
         raise UserError(f"--out {out} must name an image file to write, ending in .png, .jpg or .jpeg"
                         + (" (it is a folder)" if os.path.isdir(out) else "") + ".")
     check_memory(cfg, UNet, device, images=at_once, training=False)
+
+
+@contextmanager
+def progress(model, calls, desc):
+    """The network, counting its calls on a progress bar (on stderr) while a sampler runs: samplers stay as
+    they are, and every one of them gets the bar."""
+    from tqdm import tqdm
+    with tqdm(total=calls, desc=desc, unit="step", leave=False, dynamic_ncols=True) as bar:
+        def counted(*args):
+            out = model(*args)
+            bar.update()
+            return out
+        yield counted
 
 
 def check_finite(x, what):

