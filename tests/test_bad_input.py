@@ -207,11 +207,14 @@ def test_non_finite_weights_are_not_saved(tmp_path):
 
 def test_a_spoiled_image_cache_is_decoded_again(tmp_path):
     write_some_images(tmp_path / "photos")
-    data = images.image_folder(str(tmp_path / "photos"), 16, str(tmp_path / "cache"))
+    data, kept = images.image_folder(str(tmp_path / "photos"), 16, str(tmp_path / "cache"))
     (cache,) = (tmp_path / "cache").iterdir()
-    for spoiled in (torch.zeros(3, 3, 8, 8, dtype=torch.uint8), data.float(), torch.zeros(0, 3, 16, 16, dtype=torch.uint8)):
-        torch.save(spoiled, cache)
-        assert torch.equal(images.image_folder(str(tmp_path / "photos"), 16, str(tmp_path / "cache")), data)
+    for spoiled in (torch.zeros(3, 3, 8, 8, dtype=torch.uint8), data, {"images": data.float(), "paths": kept},
+                    {"images": data, "paths": kept[:-1]}, {"images": data, "paths": ["elsewhere.png"] * len(kept)},
+                    {"images": torch.zeros(0, 3, 16, 16, dtype=torch.uint8), "paths": []}):
+        torch.save(spoiled, cache)  # an old cache (a bare tensor), wrong types, paths that do not fit the images
+        got, got_kept = images.image_folder(str(tmp_path / "photos"), 16, str(tmp_path / "cache"))
+        assert torch.equal(got, data) and got_kept == kept
 
 
 def test_an_unreadable_folder_is_not_called_empty(tmp_path, monkeypatch):

@@ -21,14 +21,14 @@ def test_toycars_are_seeded_and_in_range():
 def test_image_folder_loader_converts_skips_and_caches(tmp_path, capsys):
     root = tmp_path / "cars"
     write_image_folder(str(root))
-    data = images.image_folder(str(root), 16, str(tmp_path / "cache"))
+    data, _ = images.image_folder(str(root), 16, str(tmp_path / "cache"))
     assert data.shape == (6, 3, 16, 16) and data.dtype == torch.uint8
     assert "skipped 1 unreadable image(s) of 7" in capsys.readouterr().err
     by_name = dict(zip([os.path.basename(p) for p in images.find_images(str(root)) if "broken" not in p], data))
     assert by_name["rgba.png"][:, 8, 8].tolist() == [255, 255, 255]  # transparency lands on white
     assert by_name["grey.jpeg"][:, 8, 8].tolist() == [128, 128, 128]
     assert len(os.listdir(tmp_path / "cache")) == 1
-    assert torch.equal(images.image_folder(str(root), 16, str(tmp_path / "cache")), data)  # from the cache
+    assert torch.equal(images.image_folder(str(root), 16, str(tmp_path / "cache"))[0], data)  # from the cache
     assert capsys.readouterr().err == ""  # the cache did not decode again
 
 
