@@ -2,9 +2,9 @@
 Denoising Diffusion Probabilistic Models (Ho, Jain and Abbeel 2020, arXiv:2006.11239) in one file.
 
 Read it top to bottom beside docs/walkthrough.md: config, noise schedule, forward process, U-Net,
-Algorithm 1 (the loss and one training step), the training loop, Algorithm 2 and the faster samplers,
-and the `train` and `sample` commands. What is not DDPM lives beside it: images.py (toy cars, image
-folders, Stanford Cars) and plumbing.py (checkpoints, devices, torchrun, the command line's checks).
+Algorithm 1 (the loss and one training step), the training loop, Algorithm 2, the faster samplers and
+classifier-free guidance, the `train` and `sample` commands. What is not DDPM lives beside it: images.py
+(toy cars, image folders, classes) and plumbing.py (checkpoints, devices, torchrun, the command line's checks).
 
     python ddpm.py train                          # tiny preset on built-in toy cars, a few CPU minutes
     python ddpm.py sample                         # a grid from the latest run's EMA weights
@@ -315,7 +315,7 @@ class UNet(nn.Module):
 
     def forward(self, x, t, y=None):
         emb = self.emb(timestep_embedding(t, self.ch))  # (B, 4 ch)
-        if self.label_emb is not None:
+        if self.label_emb is not None:  # [cfg, label added] y = None: "no class" for every image
             emb = emb + self.label_emb(torch.full_like(t, self.num_classes) if y is None else y)
         h = self.conv_in(x)
         skips = [h]
@@ -397,8 +397,8 @@ def train_step(s, x0, step, y=None):
     t = s.draw_noise.randint(0, s.sched.T, (len(x0),))
     # [alg. 1, line 4] eps ~ N(0, I)
     eps = s.draw_noise.randn(x0.shape)
-    if y is not None:  # [cfg, drop] the class becomes "no class" with probability cond_drop: one net learns both
-        y = torch.where(s.draw_noise.rand((len(y),)) < s.cfg.cond_drop, len(s.classes), y)
+    # [cfg, drop] With classes, each becomes "no class" (index num_classes) with probability cond_drop: one net learns both
+    y = y if y is None else torch.where(s.draw_noise.rand((len(y),)) < s.cfg.cond_drop, len(s.classes), y)
 
     # Line 5, the gradient step: first the gradient of loss_fn. s.backward is loss_fn(...).backward() under
     # bf16 autocast where that pays, in chunks of images whose gradients add up to the whole batch's, and
@@ -497,6 +497,7 @@ def timesteps(sched, steps, grid="uniform"):
     """`steps` distinct time indices from T-1 down to 0, where a sampler calls the network: evenly spaced in t
     ("uniform", DDIM's choice) or in lambda = log(sqrt(alpha_bar) / sqrt(1 - alpha_bar)), half the log
     signal-to-noise ratio ("lambda", DPM-Solver's), which puts more of them near t = 0."""
+    steps = min(steps, sched.T)  # there are no more distinct steps than T
     if grid == "uniform":
         return torch.linspace(sched.T - 1, 0, steps).round().long()
     lam = 0.5 * (sched.alpha_bar / (1 - sched.alpha_bar)).log().cpu()  # falls as t grows
@@ -555,10 +556,11 @@ def dpm_solver_sample(model, sched, shape, steps=20, generator=None, device="cpu
         x0 = predict_x0(sched, x, tt, model(x, tt).float())
         if t_next < 0:  # the last step, to lambda = infinity, is first order: x_0 is the prediction itself
             return x0
-        h = 0.5 * ((alpha_bar_next / (1 - alpha_bar_next)).log() - (alpha_bar / (1 - alpha_bar)).log())  # lambda's step
+        # [dpm++ h] the step in lambda = log(a / b), a = sqrt(alpha_bar), b = sqrt(1 - alpha_bar): half the log-SNR
+        h = 0.5 * ((alpha_bar_next / (1 - alpha_bar_next)).log() - (alpha_bar / (1 - alpha_bar)).log())
         # [dpm++ 2M] D = (1 + 1/(2r)) x0 - 1/(2r) x0_before, r = h_before / h; first order where r < 1/2
         D = x0 if x0_before is None or (h > 2 * h_before).any() else x0 + (x0 - x0_before) * h / (2 * h_before)
-        # [dpm++ step] x_next = sigma_next / sigma x - alpha_next (e^-h - 1) D, sigma = sqrt(1 - alpha_bar)
+        # [dpm++ step] x_next = b_next / b x - a_next (e^-h - 1) D
         x = (((1 - alpha_bar_next) / (1 - alpha_bar)).sqrt() * x - alpha_bar_next.sqrt() * torch.expm1(-h) * D).float()
         x0_before, h_before = x0, h
 
@@ -570,7 +572,8 @@ def guided(model, y, w):
         if w == 0:
             return model(x, t, y)
         # [cfg, guidance] eps = (1 + w) eps(x, t, y) - w eps(x, t, no class); both halves in one batched pass
-        cond, uncond = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, model.num_classes)])).chunk(2)
+        no_class = torch.full_like(y, model.num_classes)
+        cond, uncond = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, no_class])).float().chunk(2)
         return (1 + w) * cond - w * uncond
     return eps
 
@@ -578,7 +581,8 @@ def guided(model, y, w):
 def draw(model, sched, shape, sampler="ddpm", steps=None, eta=1.0, grid=None, generator=None, device="cpu"):
     """x_0 from a sampler by name: "ddpm" (Algorithm 2, respaced when steps < T), "ddim" or "dpm++". The
     default steps: T for ddpm, else 50; the default grid (see timesteps): lambda for dpm++, else uniform."""
-    steps, grid = steps or (sched.T if sampler == "ddpm" else min(50, sched.T)), grid or ("lambda" if sampler == "dpm++" else "uniform")
+    steps = steps or (sched.T if sampler == "ddpm" else min(50, sched.T))
+    grid = grid or ("lambda" if sampler == "dpm++" else "uniform")
     if sampler == "ddpm":
         model, sched = respace(model, sched, timesteps(sched, steps, grid)) if steps < sched.T else (model, sched)
         return p_sample_loop(model, sched, shape, generator, device)[0]
@@ -615,7 +619,7 @@ def sample(args):
     path = args.ckpt or plumbing.latest_checkpoint()
     device = plumbing.pick_device(args.device)
     model, cfg, ckpt = load_model(path, "model" if args.raw else "ema", device)
-    plumbing.check_sample_args(args, cfg, UNet, device, at_once=args.n)
+    plumbing.check_sample_args(args, cfg, UNet, device, at_once=args.n * (2 if ckpt.get("classes") else 1))  # guided: 2n
     out = args.out or os.path.join(os.path.dirname(path), f"sample_{args.sampler}.png")
     plumbing.writable_dir(os.path.dirname(out) or ".", "--out")
     sched, g = Schedule.from_config(cfg).to(device), torch.Generator(device).manual_seed(args.seed)

@@ -196,7 +196,7 @@ def sweep_plot(results, path, title):
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     reference = [r for r in results if r["sampler"] == "ddpm" and r["calls"] > 100]
     for name, label in [("ddpm", "Algorithm 2, respaced"), ("ddim-eta0", "DDIM, eta = 0"), ("ddim-eta1", "DDIM, eta = 1"),
-                        ("dpm++", "DPM-Solver++(2M), lambda grid")]:
+                        ("dpm++", "DPM-Solver++(2M), grid even in log-SNR"), ("dpm++-uniform", "DPM-Solver++(2M), grid even in t")]:
         rs = [r for r in results if r["sampler"] == name and r["calls"] <= 100]
         calls = sorted({r["calls"] for r in rs})
         if not calls:
@@ -207,7 +207,8 @@ def sweep_plot(results, path, title):
                     marker="o", capsize=3, label=label)
     for r in reference:
         ax.axhline(r["fid"], color="black", ls="--", lw=1, label=f"Algorithm 2, all {r['calls']} steps: {r['fid']:.1f}")
-    ax.set(xscale="log", yscale="log", xlabel="network calls per image", ylabel=f"FID (N = {results[0]['n']})", title=title)
+    ax.set(xscale="log", yscale="log", xlabel="network calls per image", ylabel=f"FID (N = {results[0]['n']})")
+    ax.set_title(title, fontsize=10)
     ax.set_xticks(sorted({r["calls"] for r in results if r["calls"] <= 100}))
     ax.get_xaxis().set_major_formatter(ScalarFormatter())
     ax.grid(alpha=0.3, which="both")
@@ -337,6 +338,7 @@ def main(argv=None):
         only = args.only.split(",") if args.only else [k for k in PICTURES if k != "guidance" or os.path.exists(args.cond_ckpt)]
         if set(only) - set(PICTURES):
             raise plumbing.UserError(f"--only {args.only}: the pictures are {', '.join(PICTURES)}.")
+        plumbing.writable_dir(args.out, "--out")
         ckpt = args.ckpt or plumbing.latest_checkpoint() if {"run", "samplers"} & set(only) else None
         if "run" in only:
             visualize(ckpt, args.out, args.seed)
@@ -351,7 +353,8 @@ def main(argv=None):
             if results:
                 r = results[0]
                 sweep_plot(results, os.path.join(args.out, "fid_vs_calls.png"),
-                           f"FID against network calls: {os.path.relpath(r['ckpt'])}, step {r['step']}, N = {r['n']} against {r['n_ref']} training images")
+                           f"FID against network calls: {os.path.relpath(r['ckpt'])}, step {r['step']}\n"
+                           f"N = {r['n']} samples against {r['n_ref']} training images")
                 print(f"wrote fid_vs_calls.png to {args.out} (from {len(results)} results in {args.sweep})")
             elif args.only:
                 raise plumbing.UserError(f"--sweep {args.sweep} holds no results of python sweep.py yet.")

