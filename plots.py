@@ -255,6 +255,28 @@ def grid_plot(rows, labels, path, title, column_titles=None):
     plt.close(fig)
 
 
+def pairs_plot(rows, labels, path, title, halves=("right", "broken")):
+    """Rows of two strips side by side (each a (3, H, W) uint8 image: the right version's images, then the broken
+    version's), a label on the left of each row: the gallery of mistakes.py."""
+    h, w = rows[0][0].shape[1], sum(r.shape[2] for r in rows[0]) + 12
+    width, height = w / 40 + 3.4, len(rows) * (h / 40 + 0.3) + 1.0  # inches: 40 pixels of image to an inch, labels 3.2
+    fig, axes = plt.subplots(len(rows), 1, figsize=(width, height), squeeze=False)
+    fig.subplots_adjust(left=3.2 / width, right=1 - 0.1 / width, top=1 - 0.85 / height, bottom=0.1 / height, hspace=0.3)
+    for ax, (left, right), label in zip(axes[:, 0], rows, labels):
+        gap = torch.full((3, h, 12), 255, dtype=torch.uint8)
+        ax.imshow(torch.cat([left, gap, right], 2).permute(1, 2, 0).numpy(), interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=9)
+        for side in ax.spines.values():
+            side.set_visible(False)
+    for x, text in zip((left.shape[2] / 2, left.shape[2] + 12 + right.shape[2] / 2), halves):
+        axes[0, 0].text(x, -4, text, ha="center", va="bottom", fontsize=10, weight="bold")
+    fig.suptitle(title, fontsize=9)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def guidance_plot(ckpt_path, path, weights=(0, 1, 3, 7), seed=0):
     """One row per guidance weight, one column per class (at most 12), the same starting noise in each column:
     DDIM, 50 steps, eta = 1, from the EMA weights of a class-conditional run."""
