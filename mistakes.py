@@ -190,8 +190,8 @@ MEASURED = ("fp16",)  # no gallery row: measured as a gradient, see fp16_gradien
 
 
 def plan(names):
-    """The sample sets to make for these mistakes (their own and what they are measured against), the runs
-    they need, and whether the fp16 measurement is asked for."""
+    """The sample sets to make for these mistakes (their own and what they are measured against), and the runs
+    they need (the correct one also for the fp16 measurement)."""
     points = {}
     for name in names:
         if name in MISTAKES:
@@ -409,7 +409,6 @@ def mistakes(args):
         results = load_results(args.out)
     print(table(results))
     if args.picture:
-        cfg, _ = run_config("correct", args.runs, args.steps, args.device)
         shown = gallery(results, args.out, args.picture, f"python mistakes.py: each mistake against the right version, from the same noise\n"
                         f"tiny preset on toy cars, {args.steps} training steps; {STEPS} network calls; FID of {args.n} samples against {args.n_ref} training images")
         if shown:
