@@ -89,7 +89,9 @@ def row(spec):
     device = plumbing.pick_device(spec["device"])
     overrides = {k: spec[k] for k in ("batch_size", "image_size", "micro_batch") if spec.get(k)}
     cfg = ddpm.make_config(spec["preset"], device=device.type, precision=spec["precision"], compile=spec["compile"], **overrides)
-    s = ddpm.setup(cfg, device)  # picks the memory layout too (channels_last for fp32 on CPU, and on CUDA)
+    bf16 = plumbing.use_bf16(cfg.precision, device)  # as ddpm.train() picks them
+    micro_batch = cfg.micro_batch or plumbing.default_micro_batch(cfg, device, bf16)
+    s = ddpm.setup(cfg, device, bf16=bf16, micro_batch=micro_batch)  # the memory layout too (channels_last for fp32)
     channels_last = s.model.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     B, size = cfg.batch_size, cfg.image_size
     data = images.toycars(B, size).to(device)
@@ -107,21 +109,21 @@ def row(spec):
     with CpuWatch() as watch:
         train = timed(lambda: ddpm.train_step(s, x0, next(step)), device, 1 if quick else 3, 2 if quick else 7)
     s.ema.eval()
-    with torch.inference_mode(), s.backward.autocast, CpuWatch() as watch2:
+    with torch.inference_mode(), s.autocast, CpuWatch() as watch2:
         xt = torch.randn_like(x0)
         sample = timed(lambda: ddpm.p_sample(s.ema, s.sched, xt, 500 % cfg.T), device, 1, 2 if quick else 5)
     loops = {}
     if spec.get("loops"):  # whole samplers, batch 8: Algorithm 2 (T network calls) against DDIM (50)
-        with torch.inference_mode(), s.backward.autocast:
+        with torch.inference_mode(), s.autocast:
             for name, fn in (("ddpm_loop_s", lambda: ddpm.p_sample_loop(s.ema, s.sched, (8, 3, size, size), device=device)),
-                             ("ddim50_loop_s", lambda: ddpm.ddim_sample(s.ema, s.sched, (8, 3, size, size), 50, device=device))):
+                             ("ddim50_loop_s", lambda: ddpm.ddim_sample(s.ema, s.sched, (8, 3, size, size), 50, 0.0, device=device))):
                 loops[name] = round(statistics.median(timed(fn, device, 0, 1 if name == "ddpm_loop_s" else 3)), 2)
         loops["ddim50_speedup"] = round(loops["ddpm_loop_s"] / loops["ddim50_loop_s"], 1)
     med, ms = statistics.median(train), statistics.median(sample)
     mem = torch.cuda.max_memory_allocated() if device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     other = max(w for w in (watch.other, watch2.other) if w is not None) if watch.other is not None else None
     return dict(preset=cfg.preset, device=str(device), precision="bf16" if plumbing.use_bf16(cfg.precision, device) else "fp32",
-                compile=cfg.compile, channels_last=channels_last, batch=B, micro_batch=min(s.backward.chunk or B, B), image_size=size,
+                compile=cfg.compile, channels_last=channels_last, batch=B, micro_batch=min(s.micro_batch or B, B), image_size=size,
                 params_M=round(sum(p.numel() for p in s.model.parameters()) / 1e6, 2),
                 fwd_GFLOP_per_img=round(fwd_flops / 1e9, 3),
                 train_img_s=round(B / med, 1), train_spread_pct=round(100 * (max(train) - min(train)) / med, 1),

@@ -1,30 +1,33 @@
 """
 Denoising Diffusion Probabilistic Models (Ho, Jain and Abbeel 2020, arXiv:2006.11239) in one file.
 
-Read it top to bottom beside docs/walkthrough.md: config, noise schedule, forward process, U-Net,
-Algorithm 1 (the loss and one training step), the training loop, Algorithm 2, the faster samplers and
-classifier-free guidance, the `train` and `sample` commands. What is not DDPM lives beside it: images.py
-(toy cars, image folders, classes) and plumbing.py (checkpoints, devices, torchrun, the command line's checks).
-
     python ddpm.py train                          # tiny preset on built-in toy cars, a few CPU minutes
     python ddpm.py sample                         # a grid from the latest run's EMA weights
     python ddpm.py train --preset cars64 --data cars --data-dir ~/stanford_cars   # the GPU run
+
+Read it top to bottom beside the paper and docs/walkthrough.md. First the paper, in its order: the noise
+schedule, the forward process and its posterior, the U-Net, Algorithm 1 (the loss and one training step), the
+training loop, Algorithm 2. Then what came after the paper (DDIM, DPM-Solver++, guidance), and last the config
+and the `train` and `sample` commands. What does not touch the math lives beside this file: images.py (toy
+cars, image folders, classes) and plumbing.py (checkpoint files, the run folder, the loss log, flag checks).
 
 Code name      paper                       Code name    paper
 -----------    -------------------------   ---------    ------------------------------------
 beta           beta_t (variance schedule)  x0, xt       x_0, x_t
 alpha          alpha_t = 1 - beta_t        eps          epsilon ~ N(0, I)
 alpha_bar      prod_{s<=t} alpha_s         eps_pred     epsilon_theta(x_t, t), the U-Net
-q_sample       q(x_t | x_0)   [eq. 4]      p_sample     one step of p_theta(x_{t-1} | x_t) [alg. 2]
+q_sample       q(x_t | x_0)   [eq. 4]      p_sample     x_{t-1} ~ p_theta(x_{t-1} | x_t) [alg. 2]
 q_posterior    q(x_{t-1} | x_t, x_0) [eq. 6, 7]         p_sample_loop  Algorithm 2, all T steps
 
-Time index, stated once: the paper counts t = 1..T; this code stores step t at index t-1, so
-`t` in code runs over 0..T-1, index 0 is one step of noise, and the U-Net is fed the index.
+Time index, stated once: the paper counts t = 1..T; this code stores step t at index t-1, so `t` in code runs
+over 0..T-1, index 0 is one step of noise, and the U-Net is fed the index. The network takes one t per image:
+a sampler, which moves the whole batch through the same t, hands it `t_batch`, that t repeated B times.
 """
 
 import math, os, signal, sys, time
+from contextlib import nullcontext
 from copy import deepcopy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 if __name__ == "__main__":  # Ctrl-C while torch loads exits quietly; main() then handles it as usual
@@ -37,146 +40,73 @@ from einops import rearrange
 
 import images
 import plumbing
-from plumbing import UserError
+import solvers
 
 
+# ==============================================================================================
+# THE PAPER
 # ----------------------------------------------------------------------------------------------
-# Config: one dataclass; the command line is built from it, and presets override it.
-
-def opt(default, help):
-    return field(default=default, metadata={"help": help})
-
-
-@dataclass
-class Config:
-    preset: str = opt("tiny", "starting point: tiny (CPU minutes), cars64 (the seed notebook, GPU), paper32 (the paper's CIFAR-10 net)")
-    data: str = opt("toycars", "toycars (drawn in memory, no download), cars (Stanford Cars on disk) or a folder of images")
-    data_dir: str = opt("", "where Stanford Cars lies; else $DDPM_DATA_DIR, else ./data/stanford_cars")
-    cond: bool = opt(False, "class-conditional, for classifier-free guidance: classes from class folders, --labels, or toy cars' colours")
-    labels: str = opt("", "with --cond, for a folder without class folders: a CSV file of rows path,class")
-    cond_drop: float = opt(0.1, "with --cond: the probability that a training image's class is replaced by 'no class'")
-    image_size: int = opt(32, "images are H = W = image_size; must be divisible by 2 ** (len(ch_mult) - 1)")
-    n_toycars: int = opt(20000, "how many toy cars to draw")
-    T: int = opt(1000, "diffusion steps")
-    schedule: str = opt("linear", "beta schedule: linear (the paper) or cosine (Nichol and Dhariwal 2021)")
-    beta_1: float = opt(1e-4, "linear schedule: beta at t = 1")
-    beta_T: float = opt(0.02, "linear schedule: beta at t = T")
-    ch: int = opt(32, "U-Net base channels")
-    ch_mult: tuple = opt((1, 2, 2), "channels of each resolution level, as multiples of ch")
-    num_res_blocks: int = opt(1, "residual blocks per level on the way down (one more on the way up)")
-    attn_res: tuple = opt((8,), "resolutions that get self-attention")
-    dropout: float = opt(0.0, "dropout inside residual blocks")
-    batch_size: int = opt(64, "images per step, over all ranks together")
-    micro_batch: int = opt(0, "images per forward and backward pass: each rank's batch goes through in chunks this size, "
-                              "whose gradients add up to the whole batch's: the same step, in less memory. 0: on a "
-                              "CPU, chunks whose activations stay in its caches (faster); elsewhere the whole batch")
-    lr: float = opt(1e-3, "peak learning rate of Adam")
-    lr_schedule: str = opt("cosine", "after warm-up: cosine (decay towards 0 at the last step) or constant")
-    warmup: int = opt(200, "steps of linear learning-rate warm-up")
-    steps: int = opt(2000, "training steps in all (a resumed run continues up to this)")
-    grad_clip: float = opt(1.0, "clip the gradient's global norm to this (0: off)")
-    ema_decay: float = opt(0.995, "decay of the exponential moving average of the weights")
-    seed: int = opt(0, "seed for data, noise and weights")
-    out_dir: str = opt("", "run folder for checkpoints, samples and the loss log; default runs/<preset>")
-    device: str = opt("auto", "auto (cuda, then mps, then cpu), cuda, mps or cpu")
-    precision: str = opt("auto", "fp32 or bf16 autocast; auto: bf16 on CUDA and on CPUs with native bf16, else fp32")
-    compile: bool = opt(False, "torch.compile the U-Net (slow to start, faster after)")
-    log_every: int = opt(50, "steps between loss log rows (and non-finite checks)")
-    sample_every: int = opt(500, "steps between preview grids (DDIM, 50 steps, EMA weights)")
-    ckpt_every: int = opt(500, "steps between checkpoints (one is always written at the end)")
-    keep_ckpts: bool = opt(False, "also keep a copy of every checkpoint as ckpt_step<N>.pt (to evaluate over training)")
-
-
-PRESETS = {
-    "tiny": {},
-    # The seed notebook: Stanford Cars at 64x64, T = 512, channel multipliers (1, 2, 1, 1), attention
-    # at 16 and 8, Adam 6e-4 with warm-up then cosine decay, batch 100; 10.7M parameters (the seed's own
-    # U-Net had 9.1M in another layout).
-    "cars64": dict(data="cars", image_size=64, T=512, ch=96, ch_mult=(1, 2, 1, 1), num_res_blocks=2,
-                   attn_res=(16, 8), batch_size=100, lr=6e-4, warmup=1000, steps=100_000,
-                   ema_decay=0.9995, sample_every=5000, ckpt_every=5000, log_every=100),
-    # The paper's CIFAR-10 model (appendix B): 35.7M parameters.
-    "paper32": dict(image_size=32, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_res=(16,),
-                    dropout=0.1, T=1000, lr=2e-4, lr_schedule="constant", warmup=5000, batch_size=128,
-                    steps=800_000, grad_clip=1.0, ema_decay=0.9999, sample_every=10_000,
-                    ckpt_every=10_000, log_every=100),
-}
-
-
-def make_config(preset="tiny", **overrides):
-    if preset not in PRESETS:
-        raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}.")
-    return Config(**{**PRESETS[preset], **overrides, "preset": preset})
-
-
-# ----------------------------------------------------------------------------------------------
-# Noise schedule: beta_1..beta_T, alpha_t = 1 - beta_t, alpha_bar_t = prod_{s<=t} alpha_s.
+# Noise schedule (sec. 2, 4): beta_1..beta_T, alpha_t = 1 - beta_t, alpha_bar_t = prod_{s<=t} alpha_s.
 
 def linear_beta(T, beta_1=1e-4, beta_T=0.02):
     """The paper's schedule (sec. 4): beta rises linearly from 1e-4 to 0.02 over T = 1000 steps."""
     return torch.linspace(beta_1, beta_T, T, dtype=torch.float64)
 
 
-def cosine_beta(T, s=0.008):
-    """Nichol and Dhariwal 2021 (arXiv:2102.09672, eq. 17): alpha_bar_t = f(t) / f(0),
-    f(t) = cos((t/T + s) / (1 + s) * pi/2)^2; beta clipped at 0.999 so the last step stays finite."""
-    f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + s) / (1 + s) * math.pi / 2) ** 2
-    alpha_bar = f / f[0]
-    return (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=0.999)
-
-
 class Schedule:
-    """beta, alpha and alpha_bar as (T,) tensors; paper step t = 1..T lives at index t-1.
-    Kept in float64, as the paper's code does: near t = 1, 1 - alpha_bar ~ 1e-4, and float32 would
-    lose three of its seven digits there. The images themselves stay float32."""
+    """beta, alpha, alpha_bar and alpha_bar_prev as (T,) tensors; paper step t = 1..T lives at index t-1.
+    Kept in float64, as the paper's code does: near t = 1, 1 - alpha_bar ~ 1e-4, and float32 would lose
+    three of its seven digits there. The images themselves stay float32."""
 
     def __init__(self, beta):
         self.T = len(beta)
         self.beta = beta.double()
         self.alpha = 1 - self.beta
         self.alpha_bar = torch.cumprod(self.alpha, dim=0)
+        # alpha_bar_{t-1} at index t-1: before the first step nothing is noised yet, alpha_bar_0 = 1
+        self.alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.alpha_bar[:-1]])
 
     @classmethod
     def from_config(cls, cfg):
-        return cls(cosine_beta(cfg.T) if cfg.schedule == "cosine" else linear_beta(cfg.T, cfg.beta_1, cfg.beta_T))
+        beta = cosine_beta(cfg.T) if cfg.schedule == "cosine" else linear_beta(cfg.T, cfg.beta_1, cfg.beta_T)
+        return cls(beta)
 
     def to(self, device):
         dtype = torch.float32 if torch.device(device).type == "mps" else torch.float64  # MPS has no float64
-        for name in ("beta", "alpha", "alpha_bar"):
+        for name in ("beta", "alpha", "alpha_bar", "alpha_bar_prev"):
             setattr(self, name, getattr(self, name).to(device, dtype))
         return self
 
-    def at(self, name, t):
-        """Gather schedule[name] at index t: (B,) long -> (B, 1, 1, 1), to broadcast over images.
-        For alpha_bar, index -1 means "before step 1", where alpha_bar_0 = 1 (nothing noised yet)."""
-        v = getattr(self, name)[t.clamp(min=0)]
-        if name == "alpha_bar":
-            v = torch.where(t >= 0, v, torch.ones_like(v))
-        return v.view(-1, 1, 1, 1)
+
+def at(values, t):
+    """A schedule's values at the time indices t (B,), shaped (B, 1, 1, 1) to scale a batch of images."""
+    return values[t].view(-1, 1, 1, 1)
 
 
 # ----------------------------------------------------------------------------------------------
-# Forward process q: add Gaussian noise, in closed form for any t.
+# Forward process q (sec. 2): Gaussian noise added in closed form for any t, and the posterior it implies.
 
 def q_sample(sched, x0, t, eps):
-    """x0: (B, C, H, W) in [-1, 1], t: (B,) long in 0..T-1, eps: like x0 -> xt: like x0."""
-    alpha_bar = sched.at("alpha_bar", t)
+    """x_t ~ q(x_t | x_0): x0 (B, C, H, W) in [-1, 1], t (B,) long in 0..T-1, eps like x0 -> x_t like x0."""
+    alpha_bar = at(sched.alpha_bar, t)
     # [eq. 4] q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I), reparameterized with eps
-    return (alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * eps).to(x0.dtype)
+    xt = alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * eps
+
+    return xt.to(x0.dtype)  # the float64 schedule made it float64; back to the images' dtype
 
 
 def q_posterior(sched, x0, xt, t):
     """Mean and variance of q(x_{t-1} | x_t, x_0), the reverse step that training imitates."""
-    beta, alpha = sched.at("beta", t), sched.at("alpha", t)
-    # At the first step (index 0) t - 1 is -1, where Schedule.at gives alpha_bar_0 = 1: nothing noised yet.
-    alpha_bar, alpha_bar_prev = sched.at("alpha_bar", t), sched.at("alpha_bar", t - 1)
+    beta, alpha = at(sched.beta, t), at(sched.alpha, t)
+    alpha_bar, alpha_bar_prev = at(sched.alpha_bar, t), at(sched.alpha_bar_prev, t)
     # [eq. 7, mean] mu_tilde = sqrt(alpha_bar_{t-1}) beta_t / (1 - alpha_bar_t) x_0
     #                  + sqrt(alpha_t) (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) x_t
     mean = (alpha_bar_prev.sqrt() * beta / (1 - alpha_bar)) * x0 \
         + (alpha.sqrt() * (1 - alpha_bar_prev) / (1 - alpha_bar)) * xt
     # [eq. 7, variance] beta_tilde = (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) beta_t
-    var = (1 - alpha_bar_prev) / (1 - alpha_bar) * beta
-    return mean.to(xt.dtype), var
+    beta_tilde = (1 - alpha_bar_prev) / (1 - alpha_bar) * beta
+
+    return mean.to(xt.dtype), beta_tilde
 
 
 # ----------------------------------------------------------------------------------------------
@@ -310,12 +240,13 @@ class UNet(nn.Module):
                 res *= 2
         # The output conv starts at zero: eps_pred = 0 at first, so the first loss is E[eps^2] = 1.
         self.out = nn.Sequential(norm(c), nn.SiLU(), zero(nn.Conv2d(c, 3, 3, padding=1)))
-        # [cfg, label] Classifier-free guidance: a learned vector per class, and one for "no class", added to emb.
-        self.num_classes, self.label_emb = num_classes, nn.Embedding(num_classes + 1, emb_dim) if num_classes else None
+        # [guidance, label] Classifier-free guidance: a vector per class, one for "no class", added to emb.
+        self.num_classes = num_classes
+        self.label_emb = nn.Embedding(num_classes + 1, emb_dim) if num_classes else None
 
     def forward(self, x, t, y=None):
         emb = self.emb(timestep_embedding(t, self.ch))  # (B, 4 ch)
-        if self.label_emb is not None:  # [cfg, label added] y = None: "no class" for every image
+        if self.label_emb is not None:  # [guidance, label added] y = None: "no class" for every image
             emb = emb + self.label_emb(torch.full_like(t, self.num_classes) if y is None else y)
         h = self.conv_in(x)
         skips = [h]
@@ -332,7 +263,7 @@ class UNet(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# Training: Algorithm 1, the simplified loss L_simple [eq. 14], and one optimizer step.
+# Algorithm 1, training: the loss L_simple [eq. 14] and one optimizer step on it.
 
 def get_batch(data, idx, flip):
     """uint8 images at idx, mirrored where flip is True, as floats in [-1, 1]: (B, 3, H, W)."""
@@ -340,20 +271,24 @@ def get_batch(data, idx, flip):
     return torch.where(flip[:, None, None, None], x.flip(3), x)
 
 
-def draw_batch(data, n, draw, labels=None):
-    """n random training images from data: uint8 (N, 3, H, W), each mirrored with probability 1/2 (the
-    paper's random flips, appendix B), as floats in [-1, 1] on data's device; and their labels, if any."""
-    # [alg. 1, line 2] x_0 ~ q(x_0)
-    idx, flip = draw.randint(0, len(data), (n,)).to(data.device), draw.rand((n,)).to(data.device) < 0.5
+def random_batch(data, B, generator, labels=None, rank=0, world=1):
+    """B random training images from data, uint8 (N, 3, H, W), as floats in [-1, 1] on data's device, and
+    their labels if any. Under torchrun, each of the `world` ranks draws for the whole batch of all ranks,
+    in the order one process would, and keeps its own B rows: N ranks train exactly like one process."""
+    mine = slice(rank * B, (rank + 1) * B)  # this rank's rows (all of them without torchrun: rank 0 of 1)
+    # [alg. 1, line 2] x_0 ~ q(x_0): training images, each mirrored with probability 1/2 (appendix B)
+    idx = torch.randint(0, len(data), (world * B,), generator=generator, device=generator.device)[mine]
+    flip = torch.rand((world * B,), generator=generator, device=generator.device)[mine] < 0.5
+    idx, flip = idx.to(data.device), flip.to(data.device)
     return get_batch(data, idx, flip), None if labels is None else labels[idx]
 
 
 def loss_fn(model, sched, x0, t, eps, y=None):
-    """x0: (B, C, H, W) in [-1, 1], with its draws t and eps (and its classes y, if any) -> scalar loss."""
-    # [alg. 1, line 5] the loss of the gradient step: || eps - eps_theta(sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps, t) ||^2
-    eps_pred = model(q_sample(sched, x0, t, eps), t, y)
-    # [eq. 14] L_simple: the squared error, averaged over pixels and batch, in fp32 even when the net runs in bf16
-    return F.mse_loss(eps_pred.float(), eps)
+    """x0 (B, C, H, W) in [-1, 1], with its draws t and eps (and its classes y, if any) -> scalar loss."""
+    # [alg. 1, line 5, the loss] || eps - eps_theta(sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps, t) ||^2
+    eps_pred = model(q_sample(sched, x0, t, eps), t, y).float()  # fp32, also when the net runs in bf16
+    # [eq. 14] L_simple: the squared error, averaged over pixels and batch
+    return F.mse_loss(eps_pred, eps)
 
 
 @torch.no_grad()
@@ -373,45 +308,70 @@ def lr_at(step, cfg):
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - cfg.warmup) / (cfg.steps - cfg.warmup + 1)))
 
 
-def setup(cfg, device, rank=0, world=1, classes=()):
-    """Everything a training step needs: U-Net, its EMA copy, Adam, schedule, random draws.
-    rank and world: this process's place among torchrun's ranks (0 of 1 without torchrun); classes: names."""
-    torch.manual_seed(cfg.seed)
-    s = SimpleNamespace(cfg=cfg, device=device, sched=Schedule.from_config(cfg).to(device), classes=list(classes))
-    s.model = plumbing.place(UNet(cfg, len(classes)), cfg, device)  # on the device, in its fastest memory layout
+def setup(cfg, device, rank=0, world=1, classes=(), bf16=False, micro_batch=0):
+    """Everything a training step needs: the U-Net, its EMA copy, Adam, the schedule, the random generators.
+    rank, world: this process's place among torchrun's ranks (0 of 1 without it); classes: their names.
+    bf16: the network runs under bf16 autocast; micro_batch: images per forward and backward pass (0: all).
+    train() picks both for the device (bf16 where it runs natively; on a CPU, chunks that fit its cache)."""
+    torch.manual_seed(cfg.seed)  # the initial weights, and dropout's masks
+    s = SimpleNamespace(cfg=cfg, device=device, rank=rank, world=world, classes=list(classes),
+                        sched=Schedule.from_config(cfg).to(device), micro_batch=micro_batch)
+    s.model = UNet(cfg, len(classes)).to(device)
+    if device.type == "cuda" or (device.type == "cpu" and not bf16):  # NHWC suits cuDNN and oneDNN's fp32
+        s.model = s.model.to(memory_format=torch.channels_last)  # (bench.py: 1.1x on a CPU)
     s.ema = deepcopy(s.model).eval().requires_grad_(False)  # theta_EMA starts as theta
-    s.opt = plumbing.adam(s.model.parameters(), cfg.lr, device)
-    # Two random streams: which images and flips, then t and eps. Each rank draws for the whole global batch
-    # and keeps its share, so that N ranks train like one process (plumbing.RankDraws).
-    s.draw_data = plumbing.RankDraws(torch.Generator().manual_seed(cfg.seed), rank, world)
-    s.draw_noise = plumbing.RankDraws(torch.Generator(device).manual_seed(cfg.seed), rank, world)
-    s.backward = plumbing.Backward(s.model, cfg, device)  # loss.backward(), fast: bf16, chunks, torchrun
+    try:  # Adam, fused into one kernel for all parameters: 3.6x faster than one per tensor on a CPU
+        s.optimizer = torch.optim.Adam(s.model.parameters(), lr=cfg.lr, fused=device.type in ("cuda", "cpu"))
+    except RuntimeError:  # torch < 2.4 has no fused Adam on the CPU
+        s.optimizer = torch.optim.Adam(s.model.parameters(), lr=cfg.lr)
+    # Two random streams: which images and flips (drawn on the CPU), then t and eps (on the device).
+    s.data_generator = torch.Generator().manual_seed(cfg.seed)
+    s.noise_generator = torch.Generator(device).manual_seed(cfg.seed)
+    # The network as a step runs it: under torchrun inside DDP, whose backward() averages the ranks'
+    # gradients; compiled if asked; inside s.autocast (bf16 where that pays, else a no-op).
+    s.ddp = None
+    if torch.distributed.is_initialized():
+        gpu = [device.index] if device.type == "cuda" else None
+        s.ddp = nn.parallel.DistributedDataParallel(s.model, gpu)
+    s.net = torch.compile(s.ddp or s.model) if cfg.compile else (s.ddp or s.model)
+    s.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     return s
 
 
 def train_step(s, x0, step, y=None):
-    """One optimizer step of Algorithm 1 on the batch x0: (B, 3, H, W) in [-1, 1], with classes y (B,) or None;
-    s comes from setup(). Returns the loss as a tensor: reading it (.item()) would make a GPU wait, so the
-    loop does it rarely."""
+    """One optimizer step of Algorithm 1 on this rank's batch x0 (B, 3, H, W) in [-1, 1], with classes y (B,)
+    or None; s comes from setup(). Returns the loss as a tensor: reading it (.item()) makes a GPU wait."""
+    B, g = len(x0), s.noise_generator
+    mine = slice(s.rank * B, (s.rank + 1) * B)  # drawn for all ranks, this rank's rows kept (random_batch)
     # [alg. 1, line 3] t ~ Uniform({1, ..., T}), as an index in 0..T-1
-    t = s.draw_noise.randint(0, s.sched.T, (len(x0),))
+    t = torch.randint(0, s.sched.T, (s.world * B,), generator=g, device=g.device)[mine]
     # [alg. 1, line 4] eps ~ N(0, I)
-    eps = s.draw_noise.randn(x0.shape)
-    # [cfg, drop] With classes, each becomes "no class" (index num_classes) with probability cond_drop: one net learns both
-    y = y if y is None else torch.where(s.draw_noise.rand((len(y),)) < s.cfg.cond_drop, len(s.classes), y)
+    eps = torch.randn((s.world * B, *x0.shape[1:]), generator=g, device=g.device)[mine]
+    if y is not None:
+        # [guidance, drop] each class becomes "no class" (index num_classes) with probability cond_drop: one
+        # network learns both the conditional and the unconditional model
+        drop = torch.rand((s.world * B,), generator=g, device=g.device)[mine] < s.cfg.cond_drop
+        y = torch.where(drop, len(s.classes), y)
 
-    # Line 5, the gradient step: first the gradient of loss_fn. s.backward is loss_fn(...).backward() under
-    # bf16 autocast where that pays, in chunks of images whose gradients add up to the whole batch's, and
-    # averaged over torchrun's ranks (plumbing.Backward): the same gradient, faster.
-    s.opt.zero_grad(set_to_none=True)
-    loss = s.backward(loss_fn, s.sched, x0, t, eps, y)
-    # Then the step: clip the gradient's norm (as the paper's code does), Adam at this step's learning rate.
-    if s.cfg.grad_clip > 0:
+    # [alg. 1, line 5, the step] the gradient of L_simple by backward(), then Adam. The batch goes through
+    # the network in chunks of s.micro_batch images; each chunk's mean loss, weighted by its share of the
+    # batch, adds its part of the whole batch's gradient. DDP syncs the ranks after the last chunk only.
+    s.optimizer.zero_grad(set_to_none=True)
+    size, loss = s.micro_batch or B, 0
+    for start in range(0, B, size):
+        c = slice(start, start + size)  # this chunk's images
+        with s.ddp.no_sync() if s.ddp and start + size < B else nullcontext():
+            with s.autocast:
+                part = loss_fn(s.net, s.sched, x0[c], t[c], eps[c], y if y is None else y[c]) * len(x0[c]) / B
+            part.backward()
+        loss += part.detach()
+    if s.cfg.grad_clip > 0:  # clip the gradient's norm, as the paper's code does
         torch.nn.utils.clip_grad_norm_(s.model.parameters(), s.cfg.grad_clip)
-    for group in s.opt.param_groups:
+    for group in s.optimizer.param_groups:
         group["lr"] = lr_at(step, s.cfg)
-    s.opt.step()
-    # EMA decay ramps up as (1 + step) / (10 + step), so short runs do not average in the random init.
+    s.optimizer.step()
+    # [ema ramp] the EMA's decay ramps up as (1 + step) / (10 + step), so a short run's average leaves the
+    # random initial weights behind
     ema_update(s.ema, s.model, min(s.cfg.ema_decay, (1 + step) / (10 + step)))
     return loss
 
@@ -422,23 +382,25 @@ def train_step(s, x0, step, y=None):
 def train(cfg, resume=False):
     """Draw a batch, take a step, log; now and then a preview grid and a checkpoint. Under torchrun each
     process is one rank that takes its share of every batch, and DDP averages the gradients."""
-    # The device, rank and world size (and the process group) under torchrun, the run folder; UNet is built
-    # without memory to check first that the run fits.
+    # The device, rank and world size (and the process group) under torchrun, and the run folder, locked;
+    # UNet is built without memory first, to check that the run fits.
     run = plumbing.start_run(cfg, resume, UNet)
     data, labels, classes = images.load(cfg, labels=True) if cfg.cond else (images.load(cfg), None, ())
-    data, labels = data.to(run.device), None if labels is None else labels.to(run.device)  # uint8 (N, 3, H, W)
-    s = setup(cfg, run.device, run.rank, run.world, classes)
+    data, labels = data.to(run.device), labels if labels is None else labels.to(run.device)  # uint8 images
+    bf16 = plumbing.use_bf16(cfg.precision, run.device)  # on CUDA, and on CPUs with bf16 units
+    s = setup(cfg, run.device, run.rank, run.world, classes, bf16,
+              cfg.micro_batch or plumbing.default_micro_batch(cfg, run.device, bf16))
     step = plumbing.restore(s, run.ckpt_path) if resume else 0
     log = plumbing.LossLog(run, step, cfg)  # progress bar and log.csv
     stop = plumbing.stop_on_ctrl_c(run.master)  # Ctrl-C ends the loop between two steps
     while step < cfg.steps and not stop:
         step += 1
-        x0, y = draw_batch(data, cfg.batch_size // run.world, s.draw_data, labels)
+        x0, y = random_batch(data, cfg.batch_size // run.world, s.data_generator, labels, run.rank, run.world)
         log.add(train_step(s, x0, step, y))
         if step % cfg.log_every == 0 or step % cfg.ckpt_every == 0 or step == cfg.steps:
-            log.write(step, lr_at(step, cfg))  # stops the run if the loss is no longer finite, before any save
+            log.write(step, lr_at(step, cfg))  # stops the run if the loss is not finite, before any save
         with log.paused():  # previews and checkpoints do not count towards images/s
-            if run.master and (step % cfg.ckpt_every == 0 or step == cfg.steps):  # the checkpoint first: it matters more
+            if run.master and (step % cfg.ckpt_every == 0 or step == cfg.steps):  # the checkpoint first
                 plumbing.save_checkpoint(s, step, run.ckpt_path, cfg.keep_ckpts)
             if run.master and (step % cfg.sample_every == 0 or step == cfg.steps):
                 preview(s, os.path.join(run.out_dir, "samples", f"step{step:07d}.png"))
@@ -447,50 +409,71 @@ def train(cfg, resume=False):
         plumbing.interrupted(s, step, run)  # saves this step, says how to go on, exits
     plumbing.end_run(run, s.model)  # under torchrun: check that the ranks agree, close the group
     if run.master:
-        print(f"done: {step} steps; checkpoint {run.ckpt_path}; previews in {os.path.join(run.out_dir, 'samples')}")
+        print(f"done: {step} steps; checkpoint {run.ckpt_path}; previews in {run.out_dir}{os.sep}samples")
     return s.model, s.ema
 
 
 # ----------------------------------------------------------------------------------------------
-# Sampling: Algorithm 2 (all T steps, or respaced), DDIM and DPM-Solver++ (any number of steps).
+# Algorithm 2, sampling: from pure noise x_T, T steps of p_theta down to x_0.
 
 def predict_x0(sched, xt, t, eps_pred):
-    """Invert eq. 4: x_0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t), clipped to [-1, 1].
-    The data lives in [-1, 1], so anything outside is error; at large t the division by
-    sqrt(alpha_bar_t) ~ 0.006 magnifies small errors of eps_pred, and clipping stops them
-    from compounding over the steps (the paper's code clips too)."""
-    alpha_bar = sched.at("alpha_bar", t)
-    return ((xt - (1 - alpha_bar).sqrt() * eps_pred) / alpha_bar.sqrt()).clamp(-1, 1).to(xt.dtype)
+    """Eq. 4 solved for x_0: the clean image that x_t and the network's noise eps_pred point back to."""
+    alpha_bar = at(sched.alpha_bar, t)
+    x0 = (xt - (1 - alpha_bar).sqrt() * eps_pred) / alpha_bar.sqrt()
+    return x0.to(xt.dtype)
 
 
 @torch.no_grad()
-def p_sample(model, sched, xt, t, generator=None, var="beta"):
-    """One step of p_theta(x_{t-1} | x_t) for a batch at one time index t (int, 0..T-1)."""
-    tt = torch.full((xt.shape[0],), t, device=xt.device, dtype=torch.long)
-    eps_pred = model(xt, tt).float()
-    # [alg. 2, line 4] mean = 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - alpha_bar_t) eps_theta), which
-    # equals the posterior mean [eq. 7] at x_0 = predict_x0(); going through x_0 lets us clip it.
-    mean, beta_tilde = q_posterior(sched, predict_x0(sched, xt, tt, eps_pred), xt, tt)
+def p_sample(model, sched, xt, t, generator=None, var="beta", clip=True):
+    """One step of Algorithm 2, x_{t-1} ~ p_theta(x_{t-1} | x_t), for a batch xt at one time index t (an int).
+    var: sigma_t^2 = beta_t ("beta") or beta_tilde_t ("beta_tilde"). clip=False is Algorithm 2 as printed;
+    clip=True, the default, clips x_0 as the paper's code does."""
+    t_batch = torch.full((len(xt),), t, device=xt.device)
+    beta, alpha, alpha_bar = at(sched.beta, t_batch), at(sched.alpha, t_batch), at(sched.alpha_bar, t_batch)
+    eps_pred = model(xt, t_batch).float()  # fp32, also when the network runs in bf16
+    # [eq. 11] mu_theta(x_t, t) = 1 / sqrt(alpha_t) (x_t - beta_t / sqrt(1 - alpha_bar_t) eps_theta(x_t, t))
+    mean = (xt - beta / (1 - alpha_bar).sqrt() * eps_pred) / alpha.sqrt()
+    # [clip] Not in Algorithm 2, but in the paper's code: the same mean, as the posterior mean of eq. 7 at the
+    # x_0 that eq. 4 gives back from eps_pred (put that x_0 into eq. 7 and eq. 11 comes out), with x_0 first
+    # clipped to [-1, 1], where the data lies. Where the clip does not act the two agree to float rounding.
+    if clip:
+        mean, _ = q_posterior(sched, predict_x0(sched, xt, t_batch, eps_pred).clamp(-1, 1), xt, t_batch)
     # [sec. 3.2] sigma_t^2 = beta_t (the paper's choice) or beta_tilde_t (eq. 7): both gave similar samples
-    sigma2 = sched.at("beta", tt) if var == "beta" else beta_tilde
+    sigma2 = beta if var == "beta" else (1 - at(sched.alpha_bar_prev, t_batch)) / (1 - alpha_bar) * beta
     # [alg. 2, line 3] z ~ N(0, I) if t > 1, else z = 0, in the paper's count; in this code's index, the last
     # step is t == 0 (paper step 1), which adds no noise: x_0 is the mean
     if t == 0:
-        return mean
-    return (mean + sigma2.sqrt() * torch.randn(xt.shape, device=xt.device, generator=generator)).to(xt.dtype)
+        return mean.to(xt.dtype)
+    z = torch.randn(xt.shape, device=xt.device, generator=generator)
+    # [alg. 2, line 4] x_{t-1} = mu_theta(x_t, t) + sigma_t z
+    x_prev = mean + sigma2.sqrt() * z
+
+    return x_prev.to(xt.dtype)
 
 
 @torch.no_grad()
-def p_sample_loop(model, sched, shape, generator=None, device="cpu", keep=(), var="beta"):
+def p_sample_loop(model, sched, shape, generator=None, device="cpu", keep=(), var="beta", clip=True):
     """[alg. 2] x_T ~ N(0, I), then p_sample for t = T..1, with sigma_t^2 = var ("beta" or "beta_tilde").
     Returns x_0 and {s: x_s} for the paper steps s in `keep` (T is pure noise, 0 the result)."""
     x = torch.randn(shape, device=device, generator=generator)  # [alg. 2, line 1]
     trajectory = {sched.T: x} if sched.T in keep else {}
     for t in reversed(range(sched.T)):  # [alg. 2, line 2] index T-1..0 is paper step T..1
-        x = p_sample(model, sched, x, t, generator, var)
+        x = p_sample(model, sched, x, t, generator, var, clip)
         if t in keep:
             trajectory[t] = x
     return x, trajectory
+
+
+# ==============================================================================================
+# BEYOND THE PAPER: a cosine schedule, samplers that skip steps, and classifier-free guidance.
+# The network trained above serves them all unchanged.
+
+def cosine_beta(T, s=0.008):
+    """Nichol and Dhariwal 2021 (arXiv:2102.09672, eq. 17): alpha_bar_t = f(t) / f(0),
+    f(t) = cos((t/T + s) / (1 + s) * pi/2)^2; beta clipped at 0.999 so the last step stays finite."""
+    f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + s) / (1 + s) * math.pi / 2) ** 2
+    alpha_bar = f / f[0]
+    return (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=0.999)
 
 
 def timesteps(sched, steps, grid="uniform"):
@@ -502,8 +485,9 @@ def timesteps(sched, steps, grid="uniform"):
         return torch.linspace(sched.T - 1, 0, steps).round().long()
     lam = 0.5 * (sched.alpha_bar / (1 - sched.alpha_bar)).log().cpu()  # falls as t grows
     ts = (lam.view(1, -1) - torch.linspace(lam[-1], lam[0], steps).view(-1, 1).double()).abs().argmin(1)
-    # Where lambda is steep, several targets round to one index. Make them distinct, T-1 > ... > 0: with k the
-    # steps left after each, ts - k must lie in [0, T - steps] and not rise from one to the next (a running max).
+    # Where lambda is steep, several targets round to one index. Make them distinct, T-1 > ... > 0: with k
+    # the steps left after each, ts - k must lie in [0, T - steps] and not rise from one to the next (a
+    # running max).
     k = torch.arange(steps - 1, -1, -1)
     return (ts - k).clamp(0, sched.T - steps).flip(0).cummax(0).values.flip(0) + k
 
@@ -519,7 +503,8 @@ def respace(model, sched, ts):
 
 
 @torch.no_grad()
-def ddim_sample(model, sched, shape, steps=50, eta=0.0, generator=None, device="cpu", keep=(), grid="uniform"):
+def ddim_sample(model, sched, shape, steps=50, eta=1.0, generator=None, device="cpu", keep=(),
+                grid="uniform"):
     """DDIM (Song, Meng and Ermon 2021, arXiv:2010.02502, eq. 12) on `steps` of the T indices.
     The same trained eps_theta serves: only the marginals q(x_t | x_0) of training matter, and
     DDIM picks a non-Markovian process with those marginals that can skip steps. eta = 0 is
@@ -528,50 +513,34 @@ def ddim_sample(model, sched, shape, steps=50, eta=0.0, generator=None, device="
     x = torch.randn(shape, device=device, generator=generator)
     trajectory = {sched.T: x} if sched.T in keep else {}
     for t, t_prev in zip(ts, ts[1:] + [-1]):  # -1: the last step lands on x_0
-        tt, tt_prev = torch.full((shape[0],), t, device=device), torch.full((shape[0],), t_prev, device=device)
-        alpha_bar, alpha_bar_prev = sched.at("alpha_bar", tt), sched.at("alpha_bar", tt_prev)
-        x0 = predict_x0(sched, x, tt, model(x, tt).float())
+        t_batch = torch.full((shape[0],), t, device=device)
+        alpha_bar = at(sched.alpha_bar, t_batch)
+        # alpha_bar where this step lands; the last lands on x_0, where nothing is noised: alpha_bar_0 = 1
+        t_prev_batch = torch.full_like(t_batch, t_prev)
+        alpha_bar_prev = at(sched.alpha_bar, t_prev_batch) if t_prev >= 0 else torch.ones_like(alpha_bar)
+        x0 = predict_x0(sched, x, t_batch, model(x, t_batch).float()).clamp(-1, 1)  # clipped, as in p_sample
         eps_pred = (x - alpha_bar.sqrt() * x0) / (1 - alpha_bar).sqrt()  # the eps that fits the clipped x0
-        # [ddim eq. 16] sigma = eta sqrt((1 - alpha_bar_prev) / (1 - alpha_bar) (1 - alpha_bar / alpha_bar_prev))
+        # [ddim eq. 16] sigma = eta sqrt((1 - alpha_bar_prev) / (1 - alpha_bar))
+        #                          * sqrt(1 - alpha_bar / alpha_bar_prev)
         sigma = eta * ((1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev)).sqrt()
         # [ddim eq. 12] x_prev = sqrt(alpha_bar_prev) x0 + sqrt(1 - alpha_bar_prev - sigma^2) eps + sigma z
-        x = alpha_bar_prev.sqrt() * x0 + (1 - alpha_bar_prev - sigma ** 2).sqrt() * eps_pred
+        x_prev = alpha_bar_prev.sqrt() * x0 + (1 - alpha_bar_prev - sigma ** 2).sqrt() * eps_pred
         if t_prev >= 0 and eta > 0:
-            x = x + sigma * torch.randn(shape, device=device, generator=generator)
-        x = x.float()
+            x_prev = x_prev + sigma * torch.randn(shape, device=device, generator=generator)
+
+        x = x_prev.float()  # the float64 schedule made it float64
         if t_prev + 1 in keep:  # x now sits at paper step t_prev + 1
             trajectory[t_prev + 1] = x
     return x, trajectory
 
 
-@torch.no_grad()
-def dpm_solver_sample(model, sched, shape, steps=20, generator=None, device="cpu", grid="lambda"):
-    """DPM-Solver++(2M) (Lu et al. 2022, arXiv:2211.01095), multistep: the probability-flow ODE solved in lambda
-    with the network's x_0, corrected to second order with the x_0 of the step before. Without the correction
-    it is DDIM with eta = 0. Returns x_0."""
-    ts, x, x0_before = timesteps(sched, steps, grid).tolist(), torch.randn(shape, device=device, generator=generator), None
-    for t, t_next in zip(ts, ts[1:] + [-1]):
-        tt, tt_next = torch.full((shape[0],), t, device=device), torch.full((shape[0],), t_next, device=device)
-        alpha_bar, alpha_bar_next = sched.at("alpha_bar", tt), sched.at("alpha_bar", tt_next)
-        x0 = predict_x0(sched, x, tt, model(x, tt).float())
-        if t_next < 0:  # the last step, to lambda = infinity, is first order: x_0 is the prediction itself
-            return x0
-        # [dpm++ h] the step in lambda = log(a / b), a = sqrt(alpha_bar), b = sqrt(1 - alpha_bar): half the log-SNR
-        h = 0.5 * ((alpha_bar_next / (1 - alpha_bar_next)).log() - (alpha_bar / (1 - alpha_bar)).log())
-        # [dpm++ 2M] D = (1 + 1/(2r)) x0 - 1/(2r) x0_before, r = h_before / h; first order where r < 1/2
-        D = x0 if x0_before is None or (h > 2 * h_before).any() else x0 + (x0 - x0_before) * h / (2 * h_before)
-        # [dpm++ step] x_next = b_next / b x - a_next (e^-h - 1) D
-        x = (((1 - alpha_bar_next) / (1 - alpha_bar)).sqrt() * x - alpha_bar_next.sqrt() * torch.expm1(-h) * D).float()
-        x0_before, h_before = x0, h
-
-
 def guided(model, y, w):
     """Classifier-free guidance (Ho and Salimans 2022, arXiv:2207.12598) for the classes y (B,), as a network
-    that every sampler takes: w = 0 is the conditional model alone, larger w leans harder towards the class."""
+    that every sampler takes: w = 0 is the conditional model alone, a larger w leans harder to the class."""
     def eps(x, t):
         if w == 0:
             return model(x, t, y)
-        # [cfg, guidance] eps = (1 + w) eps(x, t, y) - w eps(x, t, no class); both halves in one batched pass
+        # [guidance, eps] eps = (1 + w) eps(x, t, y) - w eps(x, t, no class); both halves in one batched pass
         no_class = torch.full_like(y, model.num_classes)
         cond, uncond = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, no_class])).float().chunk(2)
         return (1 + w) * cond - w * uncond
@@ -579,16 +548,82 @@ def guided(model, y, w):
 
 
 def draw(model, sched, shape, sampler="ddpm", steps=None, eta=1.0, grid=None, generator=None, device="cpu"):
-    """x_0 from a sampler by name: "ddpm" (Algorithm 2, respaced when steps < T), "ddim" or "dpm++". The
-    default steps: T for ddpm, else 50; the default grid (see timesteps): lambda for dpm++, else uniform."""
+    """x_0 from a sampler by name: "ddpm" (Algorithm 2, respaced when steps < T), "ddim" or "dpm++" (in
+    solvers.py). Default steps: T for ddpm, else 50; default grid (timesteps): lambda for dpm++, else
+    uniform."""
     steps = steps or (sched.T if sampler == "ddpm" else min(50, sched.T))
     grid = grid or ("lambda" if sampler == "dpm++" else "uniform")
     if sampler == "ddpm":
-        model, sched = respace(model, sched, timesteps(sched, steps, grid)) if steps < sched.T else (model, sched)
+        if steps < sched.T:
+            model, sched = respace(model, sched, timesteps(sched, steps, grid))
         return p_sample_loop(model, sched, shape, generator, device)[0]
     if sampler == "ddim":
         return ddim_sample(model, sched, shape, steps, eta, generator, device, grid=grid)[0]
-    return dpm_solver_sample(model, sched, shape, steps, generator, device, grid)
+    ts = timesteps(sched, steps, grid)
+    return solvers.dpm_solver_sample(model, sched.alpha_bar, ts, shape, generator, device)
+
+
+# ==============================================================================================
+# CONFIG AND COMMANDS: every Config field is a flag of `train` (`python ddpm.py train --help` explains each).
+
+@dataclass
+class Config:
+    preset: str = "tiny"            # tiny (CPU minutes), cars64 (the seed notebook), paper32 (the paper's)
+    data: str = "toycars"           # toycars (drawn in memory), cars (Stanford Cars on disk), or a folder
+    data_dir: str = ""              # where Stanford Cars lies; else $DDPM_DATA_DIR, else ./data/stanford_cars
+    cond: bool = False              # class-conditional, for classifier-free guidance
+    labels: str = ""                # with cond: a CSV of rows path,class, for a folder without class folders
+    cond_drop: float = 0.1          # with cond: the probability that an image's class becomes "no class"
+    image_size: int = 32            # H = W; divisible by 2 ** (len(ch_mult) - 1)
+    n_toycars: int = 20000          # how many toy cars to draw
+    T: int = 1000                   # diffusion steps
+    schedule: str = "linear"        # linear (the paper) or cosine (Nichol and Dhariwal 2021)
+    beta_1: float = 1e-4            # linear schedule: beta at t = 1
+    beta_T: float = 0.02            # linear schedule: beta at t = T
+    ch: int = 32                    # U-Net base channels
+    ch_mult: tuple = (1, 2, 2)      # channels of each resolution level, as multiples of ch
+    num_res_blocks: int = 1         # residual blocks per level on the way down (one more on the way up)
+    attn_res: tuple = (8,)          # resolutions that get self-attention
+    dropout: float = 0.0            # dropout inside residual blocks
+    batch_size: int = 64            # images per step, over all ranks together
+    micro_batch: int = 0            # images per forward and backward pass (0: chosen for the device)
+    lr: float = 1e-3                # peak learning rate of Adam
+    lr_schedule: str = "cosine"     # after warm-up: cosine (decay towards 0 at the last step) or constant
+    warmup: int = 200               # steps of linear learning-rate warm-up
+    steps: int = 2000               # training steps in all (a resumed run continues up to this)
+    grad_clip: float = 1.0          # clip the gradient's global norm to this (0: off)
+    ema_decay: float = 0.995        # decay of the exponential moving average of the weights
+    seed: int = 0                   # seed for data, noise and weights
+    out_dir: str = ""               # run folder; default runs/<preset>
+    device: str = "auto"            # auto (cuda, then mps, then cpu), cuda, mps or cpu
+    precision: str = "auto"         # fp32 or bf16 autocast; auto: bf16 where the device runs it natively
+    compile: bool = False           # torch.compile the U-Net (slow to start, faster after)
+    log_every: int = 50             # steps between loss log rows (and non-finite checks)
+    sample_every: int = 500         # steps between preview grids (DDIM, 50 steps, EMA weights)
+    ckpt_every: int = 500           # steps between checkpoints (one is always written at the end)
+    keep_ckpts: bool = False        # also keep every checkpoint as ckpt_step<N>.pt
+
+
+PRESETS = {
+    "tiny": {},
+    # The seed notebook: Stanford Cars at 64x64, T = 512, channel multipliers (1, 2, 1, 1), attention
+    # at 16 and 8, Adam 6e-4 with warm-up then cosine decay, batch 100; 10.7M parameters (the seed's own
+    # U-Net had 9.1M in another layout).
+    "cars64": dict(data="cars", image_size=64, T=512, ch=96, ch_mult=(1, 2, 1, 1), num_res_blocks=2,
+                   attn_res=(16, 8), batch_size=100, lr=6e-4, warmup=1000, steps=100_000,
+                   ema_decay=0.9995, sample_every=5000, ckpt_every=5000, log_every=100),
+    # The paper's CIFAR-10 model (appendix B): 35.7M parameters.
+    "paper32": dict(image_size=32, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_res=(16,),
+                    dropout=0.1, T=1000, lr=2e-4, lr_schedule="constant", warmup=5000, batch_size=128,
+                    steps=800_000, grad_clip=1.0, ema_decay=0.9999, sample_every=10_000,
+                    ckpt_every=10_000, log_every=100),
+}
+
+
+def make_config(preset="tiny", **overrides):
+    if preset not in PRESETS:
+        raise plumbing.UserError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}.")
+    return Config(**{**PRESETS[preset], **overrides, "preset": preset})
 
 
 def preview(s, path):
@@ -597,13 +632,10 @@ def preview(s, path):
     A class-conditional model draws rows of its classes, guided with w = 1."""
     shape, g = (64, 3, s.cfg.image_size, s.cfg.image_size), torch.Generator(s.device).manual_seed(s.cfg.seed)
     net = guided(s.ema, torch.arange(64, device=s.device) * len(s.classes) // 64, 1.0) if s.classes else s.ema
-    with s.backward.autocast:
+    with s.autocast:
         x, _ = ddim_sample(net, s.sched, shape, steps=50, eta=1.0, generator=g, device=s.device)
     plumbing.save_grid(x, path)
 
-
-# ----------------------------------------------------------------------------------------------
-# Commands: python ddpm.py train (every Config field is a flag), python ddpm.py sample.
 
 def load_model(path, weights="ema", device="cpu"):
     """A trained eps_theta from a checkpoint, its EMA weights by default ("model": the raw ones).
@@ -619,25 +651,28 @@ def sample(args):
     path = args.ckpt or plumbing.latest_checkpoint()
     device = plumbing.pick_device(args.device)
     model, cfg, ckpt = load_model(path, "model" if args.raw else "ema", device)
-    plumbing.check_sample_args(args, cfg, UNet, device, at_once=args.n * (2 if ckpt.get("classes") else 1))  # guided: 2n
+    at_once = args.n * (2 if ckpt.get("classes") else 1)  # guided: both halves in one batch
+    plumbing.check_sample_args(args, cfg, UNet, device, at_once)
     out = args.out or os.path.join(os.path.dirname(path), f"sample_{args.sampler}.png")
     plumbing.writable_dir(os.path.dirname(out) or ".", "--out")
     sched, g = Schedule.from_config(cfg).to(device), torch.Generator(device).manual_seed(args.seed)
-    y, what = plumbing.sample_classes(args, ckpt.get("classes", []), device)  # --class and --guidance, checked
+    y, what = plumbing.sample_classes(args, ckpt.get("classes", []), device)  # --class, --guidance, checked
     net = guided(model, y, args.guidance) if y is not None else model
-    t0, how = time.time(), f"{args.sampler} with {args.steps} steps" + (f", {args.grid} grid" if args.steps < cfg.T else "") + what
-    with torch.inference_mode(), plumbing.autocast("auto", device), plumbing.progress(net, args.steps, how) as net:
-        x = draw(net, sched, (args.n, 3, cfg.image_size, cfg.image_size), args.sampler, args.steps, args.eta, args.grid, g, device)
+    how = f"{args.sampler} with {args.steps} steps" + (f", {args.grid} grid" if args.steps < cfg.T else "")
+    t0, shape, how = time.time(), (args.n, 3, cfg.image_size, cfg.image_size), how + what
+    bar = plumbing.progress(net, args.steps, how)  # the network, counting its calls on a progress bar
+    with torch.inference_mode(), plumbing.autocast("auto", device), bar as net:
+        x = draw(net, sched, shape, args.sampler, args.steps, args.eta, args.grid, g, device)
     plumbing.check_finite(x, "the samples")
     plumbing.save_grid(x, out)
     if args.individual:
         plumbing.save_images(x, args.individual)
-    print(f"wrote {out}: {args.n} samples, {how}, {'raw' if args.raw else 'EMA'} weights of step {ckpt['step']}, "
-          f"in {time.time() - t0:.1f} s")
+    weights = f"{'raw' if args.raw else 'EMA'} weights of step {ckpt['step']}"
+    print(f"wrote {out}: {args.n} samples, {how}, {weights}, in {time.time() - t0:.1f} s")
 
 
 def main(argv=None):
-    args = plumbing.parse_args(Config, __doc__.split("\n\n")[1], argv)  # --help shows the docstring's 2nd paragraph
+    args = plumbing.parse_args(Config, __doc__.split("\n\n")[1], argv)  # --help: the 2nd paragraph above
     with plumbing.user_errors():  # bad input: a one-paragraph message and exit code 2, no traceback
         if args.command == "train":
             train(plumbing.resolve_config(Config, make_config, args.given, args.resume), args.resume)

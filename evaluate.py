@@ -116,21 +116,21 @@ def reverse_var(sched, t):
     the narrower of the two (5.45e-5 against 1e-4 for the linear schedule): a sharper decoder, which
     gives the data's own pixel level more of its mass when its mean lies within about sigma of x_0."""
     beta_tilde_2 = (1 - sched.alpha_bar[0]) / (1 - sched.alpha_bar[1]) * sched.beta[1]  # [eq. 7] at t = 2
-    return torch.where(t.view(-1, 1, 1, 1) == 0, beta_tilde_2, sched.at("beta", t))
+    return torch.where(t.view(-1, 1, 1, 1) == 0, beta_tilde_2, ddpm.at(sched.beta, t))
 
 
 def bound_terms(model, sched, x0, t, generator=None):
     """Per image, in nats: L_T, and the term of index t: index t is paper step t + 1, whose KL term is
     L_t = KL(q(x_t | x_{t+1}, x_0) || p_theta(x_t | x_{t+1})) for t >= 1, and the decoder's L_0 for t = 0."""
     T = torch.full((len(x0),), sched.T - 1, device=x0.device)
-    alpha_bar_T = sched.at("alpha_bar", T)
+    alpha_bar_T = ddpm.at(sched.alpha_bar, T)
     L_T = normal_kl(alpha_bar_T.sqrt() * x0, 1 - alpha_bar_T, torch.zeros_like(x0), torch.ones_like(x0)).flatten(1).sum(1)
     eps = torch.randn(x0.shape, device=x0.device, generator=generator)
     xt = ddpm.q_sample(sched, x0, t, eps)
     eps_pred = model(xt, t).float()
-    alpha_bar = sched.at("alpha_bar", t)
+    alpha_bar = ddpm.at(sched.alpha_bar, t)
     # [eq. 11] mu_theta = 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - alpha_bar_t) eps_theta), not clipped
-    mean = (xt - sched.at("beta", t) / (1 - alpha_bar).sqrt() * eps_pred) / sched.at("alpha", t).sqrt()
+    mean = (xt - ddpm.at(sched.beta, t) / (1 - alpha_bar).sqrt() * eps_pred) / ddpm.at(sched.alpha, t).sqrt()
     var = reverse_var(sched, t)
     true_mean, true_var = ddpm.q_posterior(sched, x0, xt, t)
     kl = normal_kl(true_mean, true_var.clamp(min=1e-20), mean, var).flatten(1).sum(1)

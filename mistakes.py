@@ -53,15 +53,10 @@ def right(model, sched, shape, g, device):
     return ddpm.p_sample_loop(net, short, shape, g, device, var="beta_tilde")[0]
 
 
-def predict_x0_unclipped(sched, xt, t, eps_pred):
-    alpha_bar = sched.at("alpha_bar", t)
-    # [mistake, no clip] x_0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t), not clipped to [-1, 1]
-    return ((xt - (1 - alpha_bar).sqrt() * eps_pred) / alpha_bar.sqrt()).to(xt.dtype)
-
-
 def no_clip(model, sched, shape, g, device):
-    with patched(ddpm, "predict_x0", predict_x0_unclipped):
-        return right(model, sched, shape, g, device)
+    net, short = ddpm.respace(model, sched, ddpm.timesteps(sched, STEPS))
+    # [mistake, no clip] Algorithm 2 as printed: eq. 11's mean from the network's eps, x_0 never clipped to [-1, 1]
+    return ddpm.p_sample_loop(net, short, shape, g, device, var="beta_tilde", clip=False)[0]
 
 
 @torch.no_grad()
@@ -71,10 +66,11 @@ def ddim_eps_kept(model, sched, shape, g, device, eta=1.0):
     ts = ddpm.timesteps(sched, STEPS).tolist()
     x = torch.randn(shape, device=device, generator=g)
     for t, t_prev in zip(ts, ts[1:] + [-1]):
-        tt, tt_prev = torch.full((shape[0],), t, device=device), torch.full((shape[0],), t_prev, device=device)
-        alpha_bar, alpha_bar_prev = sched.at("alpha_bar", tt), sched.at("alpha_bar", tt_prev)
-        eps_pred = model(x, tt).float()
-        x0 = ddpm.predict_x0(sched, x, tt, eps_pred)  # clipped
+        t_batch = torch.full((shape[0],), t, device=device)
+        alpha_bar = ddpm.at(sched.alpha_bar, t_batch)
+        alpha_bar_prev = ddpm.at(sched.alpha_bar, torch.full_like(t_batch, t_prev)) if t_prev >= 0 else torch.ones_like(alpha_bar)
+        eps_pred = model(x, t_batch).float()
+        x0 = ddpm.predict_x0(sched, x, t_batch, eps_pred).clamp(-1, 1)  # clipped
         sigma = eta * ((1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev)).sqrt()
         # [mistake, eps kept] the clipped x_0 beside the network's own eps_pred, which fits the unclipped one
         x = alpha_bar_prev.sqrt() * x0 + (1 - alpha_bar_prev - sigma ** 2).sqrt() * eps_pred
@@ -84,10 +80,10 @@ def ddim_eps_kept(model, sched, shape, g, device, eta=1.0):
     return x
 
 
-def p_sample_noisy_end(model, sched, xt, t, generator=None, var="beta"):
+def p_sample_noisy_end(model, sched, xt, t, generator=None, var="beta", clip=True):
     """p_sample, and at the last step (t == 0) a draw around its mean, from a generator of its own (seed 1), so
     that the noise of every other step, and of the next batch, stays that of the right sampler."""
-    x = P_SAMPLE(model, sched, xt, t, generator, var)
+    x = P_SAMPLE(model, sched, xt, t, generator, var, clip)
     if t > 0:
         return x
     z = torch.randn(xt.shape, device=xt.device, generator=torch.Generator(xt.device).manual_seed(1))
@@ -274,9 +270,10 @@ def fp16_gradient(args, device):
     correct run, in fp16 autocast unscaled and scaled by 2^16, and in bf16, against the same gradient in fp32."""
     cfg, _ = run_config("correct", args.runs, args.steps, args.device)
     model, cfg, _ = ddpm.load_model(os.path.join(cfg.out_dir, "ckpt.pt"), "model", device)
-    sched, draw = ddpm.Schedule.from_config(cfg).to(device), plumbing.RankDraws(torch.Generator(device).manual_seed(0))
-    x0, _ = ddpm.draw_batch(images.load(cfg).to(device), cfg.batch_size, draw)
-    t, eps = draw.randint(0, cfg.T, (len(x0),)), draw.randn(x0.shape)
+    sched, g = ddpm.Schedule.from_config(cfg).to(device), torch.Generator(device).manual_seed(0)
+    x0, _ = ddpm.random_batch(images.load(cfg).to(device), cfg.batch_size, g)
+    t = torch.randint(0, cfg.T, (len(x0),), generator=g, device=device)
+    eps = torch.randn(x0.shape, generator=g, device=device)
 
     def gradient(dtype, scale, n=len(x0)):
         model.zero_grad(set_to_none=True)

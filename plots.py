@@ -37,7 +37,7 @@ def schedule_plot(T, path):
     fig, axes = plt.subplots(2, 2, figsize=(11, 6), sharex=True)
     for j, (name, beta) in enumerate([("linear (Ho et al.)", ddpm.linear_beta(T)), ("cosine (Nichol & Dhariwal)", ddpm.cosine_beta(T))]):
         sched, t = ddpm.Schedule(beta), torch.arange(T)
-        ab, ab_prev = sched.alpha_bar, sched.at("alpha_bar", t - 1).flatten()
+        ab, ab_prev = sched.alpha_bar, sched.alpha_bar_prev
         for values, label in [(ab, "alpha_bar_t"), (ab.sqrt(), "sqrt(alpha_bar_t): how much signal"),
                               ((1 - ab).sqrt(), "sqrt(1 - alpha_bar_t): how much noise")]:
             axes[0, j].plot(t + 1, values, label=label)

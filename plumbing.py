@@ -1,15 +1,16 @@
 """The plumbing of ddpm.py: what a training run needs that is not DDPM.
 
 ddpm.py is read beside the paper, so what a learner need not read lives here: checkpoint files and their
-checks, the choice of device and precision, torchrun's process group and its random draws, the run folder,
-Ctrl-C, the loss log, and the command line with its checks. Nothing here knows the math. This module imports
+checks, the choice of device and precision, torchrun's process group, the run folder, Ctrl-C, the loss
+log, and the command line with its help and checks. Nothing here knows the math. This module imports
 nothing of the project, so every other one may import it and none of them is imported back:
 
-    plumbing.py  <-  images.py  <-  ddpm.py  <-  evaluate.py, plots.py, bench.py
+    plumbing.py  <-  images.py  <-  ddpm.py  <-  evaluate.py, plots.py, bench.py, sweep.py, mistakes.py
+                      solvers.py  <-
 """
 
 import argparse, csv, glob, math, os, pickle, re, signal, socket, sys, time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import asdict, fields
 from types import SimpleNamespace
 
@@ -170,11 +171,11 @@ def save_checkpoint(s, step, path, keep_copy=False):
             raise UserError(f"the {name} became NaN or infinite by step {step}, so they were not saved; the last "
                             f"good checkpoint, if any, is still {path}. Try a lower --lr (now {s.cfg.lr:g})"
                             + (" or clipping with --grad-clip 1." if not s.cfg.grad_clip else "."))
-    rng = {"torch": torch.get_rng_state(), "data": s.draw_data.generator.get_state(),
-           "noise": s.draw_noise.generator.get_state()}
+    rng = {"torch": torch.get_rng_state(), "data": s.data_generator.get_state(),
+           "noise": s.noise_generator.get_state()}
     if s.device.type == "cuda":  # dropout's masks on a GPU come from the GPU's own generator
         rng["cuda"] = torch.cuda.get_rng_state(s.device)
-    state = {"model": s.model.state_dict(), "ema": s.ema.state_dict(), "opt": s.opt.state_dict(),
+    state = {"model": s.model.state_dict(), "ema": s.ema.state_dict(), "opt": s.optimizer.state_dict(),
              "step": step, "config": asdict(s.cfg), "rng": rng}
     if s.classes:  # a class-conditional model: its class names, in the order of its label embedding
         state["classes"] = list(s.classes)
@@ -197,10 +198,10 @@ def restore(s, path):
     load_weights(s.model, ckpt["model"], path)
     load_weights(s.ema, ckpt["ema"], path)
     try:
-        s.opt.load_state_dict(ckpt["opt"])
+        s.optimizer.load_state_dict(ckpt["opt"])
         torch.set_rng_state(rng["torch"])
-        s.draw_data.generator.set_state(rng["data"])
-        s.draw_noise.generator.set_state(rng["noise"])
+        s.data_generator.set_state(rng["data"])
+        s.noise_generator.set_state(rng["noise"])
         if s.device.type == "cuda" and "cuda" in rng:
             torch.cuda.set_rng_state(rng["cuda"], s.device)
     except (ValueError, RuntimeError, KeyError, TypeError) as e:
@@ -262,25 +263,6 @@ def autocast(precision, device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16(precision, device))
 
 
-def place(model, cfg, device):
-    """The model on its device, in the memory layout that measured fastest: NHWC (channels_last) lets cuDNN
-    and oneDNN skip layout conversions around every conv (bench.py: 1.1x for fp32 on a CPU); oneDNN's bf16
-    kernels measured faster in the default layout, so they keep it."""
-    model = model.to(device)
-    if device.type == "cuda" or (device.type == "cpu" and not use_bf16(cfg.precision, device)):
-        model = model.to(memory_format=torch.channels_last)
-    return model
-
-
-def adam(params, lr, device):
-    """Adam, fused into one kernel for all parameters where torch has it: 3.6x faster than the
-    per-tensor loop on a CPU."""
-    try:
-        return torch.optim.Adam(params, lr=lr, fused=device.type in ("cuda", "cpu"))
-    except RuntimeError:  # torch < 2.4 has no fused Adam on the CPU
-        return torch.optim.Adam(params, lr=lr)
-
-
 def default_micro_batch(cfg, device, bf16):
     """Images per forward and backward pass when --micro-batch is 0: on a CPU, as many as keep one
     full-resolution activation (ch x H x W) within 8 MiB, so that a layer's output is still in the CPU's
@@ -289,63 +271,6 @@ def default_micro_batch(cfg, device, bf16):
     if device.type != "cpu":
         return 0
     return max(1, 8 * 2 ** 20 // (cfg.ch * cfg.image_size ** 2 * (2 if bf16 else 4)))
-
-
-# ----------------------------------------------------------------------------------------------
-# One step, exactly the same on any number of ranks and in any number of chunks.
-
-class RankDraws:
-    """Random draws for this rank's share of a global batch. Under torchrun each of `world` ranks takes
-    B of the world * B images of every batch; it draws for all of them, in the same order as one
-    process would, and keeps its own rows. So N ranks compute exactly what one process computes.
-    Outside torchrun (rank 0 of 1) it is the generator itself."""
-
-    def __init__(self, generator, rank=0, world=1):
-        self.generator, self.rank, self.world = generator, rank, world
-
-    def _mine(self, draw, shape):
-        B = shape[0]
-        whole = draw((self.world * B, *shape[1:]), generator=self.generator, device=self.generator.device)
-        return whole[self.rank * B:(self.rank + 1) * B]
-
-    def randint(self, low, high, shape):
-        return self._mine(lambda *a, **k: torch.randint(low, high, *a, **k), shape)
-
-    def randn(self, shape):
-        return self._mine(torch.randn, shape)
-
-    def rand(self, shape):
-        return self._mine(torch.rand, shape)
-
-
-class Backward:
-    """loss.backward() for ddpm.train_step, fast and exact: the network runs under bf16 autocast where that
-    pays, wrapped in DistributedDataParallel under torchrun (which averages the ranks' gradients) and in
-    torch.compile if asked; the batch goes through in chunks of `chunk` images (--micro-batch; 0: all at
-    once). Each chunk's mean loss, weighted by its share of the batch, adds its part of the batch's gradient,
-    so the gradient is the batch's, in less memory (exactly so without dropout, whose masks are drawn per
-    chunk). Under DDP the ranks average their gradients after the last chunk only."""
-
-    def __init__(self, model, cfg, device):
-        self.ddp = wrap_ddp(model, device)
-        self.net = torch.compile(self.ddp or model) if cfg.compile else (self.ddp or model)
-        self.autocast = autocast(cfg.precision, device)
-        self.chunk = cfg.micro_batch or default_micro_batch(cfg, device, use_bf16(cfg.precision, device))
-
-    def __call__(self, loss_fn, sched, *batch):
-        """loss_fn(network, sched, *batch).backward(), where batch is tensors that share their first
-        dimension (x0, t, eps). Returns the batch's loss, detached."""
-        n = len(batch[0])
-        k = math.ceil(n / (self.chunk or n))
-        chunks = list(zip(*(b.split(self.chunk or n) if b is not None else [None] * k for b in batch)))
-        loss = 0
-        for i, part in enumerate(chunks):
-            with self.ddp.no_sync() if self.ddp and i < len(chunks) - 1 else nullcontext():
-                with self.autocast:
-                    weighted = loss_fn(self.net, sched, *part) * (len(part[0]) / n)
-                weighted.backward()
-            loss += weighted.detach()
-        return loss
 
 
 # ----------------------------------------------------------------------------------------------
@@ -411,14 +336,6 @@ def pid_alive(pid):
     except OSError:  # alive, but someone else's
         return True
     return True
-
-
-def wrap_ddp(model, device):
-    """DistributedDataParallel around the model under torchrun (it averages the gradients of the ranks);
-    None otherwise."""
-    if not torch.distributed.is_initialized():
-        return None
-    return torch.nn.parallel.DistributedDataParallel(model, [device.index] if device.type == "cuda" else None)
 
 
 def end_run(run, model):
@@ -527,6 +444,46 @@ def int_tuple(text):
         raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 1,2,2, not {text!r}") from None
 
 
+HELP = {  # what each Config field of ddpm.py means, for `python ddpm.py train --help`
+    "preset": "starting point: tiny (CPU minutes), cars64 (the seed notebook, GPU), paper32 (the paper's CIFAR-10 net)",
+    "data": "toycars (drawn in memory, no download), cars (Stanford Cars on disk) or a folder of images",
+    "data_dir": "where Stanford Cars lies; else $DDPM_DATA_DIR, else ./data/stanford_cars",
+    "cond": "class-conditional, for classifier-free guidance: classes from class folders, --labels, or toy cars' colours",
+    "labels": "with --cond, for a folder without class folders: a CSV file of rows path,class",
+    "cond_drop": "with --cond: the probability that a training image's class is replaced by 'no class'",
+    "image_size": "images are H = W = image_size; must be divisible by 2 ** (len(ch_mult) - 1)",
+    "n_toycars": "how many toy cars to draw",
+    "T": "diffusion steps",
+    "schedule": "beta schedule: linear (the paper) or cosine (Nichol and Dhariwal 2021)",
+    "beta_1": "linear schedule: beta at t = 1",
+    "beta_T": "linear schedule: beta at t = T",
+    "ch": "U-Net base channels",
+    "ch_mult": "channels of each resolution level, as multiples of ch",
+    "num_res_blocks": "residual blocks per level on the way down (one more on the way up)",
+    "attn_res": "resolutions that get self-attention",
+    "dropout": "dropout inside residual blocks",
+    "batch_size": "images per step, over all ranks together",
+    "micro_batch": "images per forward and backward pass: each rank's batch goes through in chunks this size, "
+                   "whose gradients add up to the whole batch's: the same step, in less memory. 0: on a "
+                   "CPU, chunks whose activations stay in its caches (faster); elsewhere the whole batch",
+    "lr": "peak learning rate of Adam",
+    "lr_schedule": "after warm-up: cosine (decay towards 0 at the last step) or constant",
+    "warmup": "steps of linear learning-rate warm-up",
+    "steps": "training steps in all (a resumed run continues up to this)",
+    "grad_clip": "clip the gradient's global norm to this (0: off)",
+    "ema_decay": "decay of the exponential moving average of the weights",
+    "seed": "seed for data, noise and weights",
+    "out_dir": "run folder for checkpoints, samples and the loss log; default runs/<preset>",
+    "device": "auto (cuda, then mps, then cpu), cuda, mps or cpu",
+    "precision": "fp32 or bf16 autocast; auto: bf16 on CUDA and on CPUs with native bf16, else fp32",
+    "compile": "torch.compile the U-Net (slow to start, faster after)",
+    "log_every": "steps between loss log rows (and non-finite checks)",
+    "sample_every": "steps between preview grids (DDIM, 50 steps, EMA weights)",
+    "ckpt_every": "steps between checkpoints (one is always written at the end)",
+    "keep_ckpts": "also keep a copy of every checkpoint as ckpt_step<N>.pt (to evaluate over training)",
+}
+
+
 def parse_args(Config, description, argv=None):
     """The arguments of `python ddpm.py train|sample`; train's flags are built from the Config dataclass."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -539,7 +496,7 @@ def parse_args(Config, description, argv=None):
                        argument_default=argparse.SUPPRESS)
     for f in fields(Config):
         shown = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
-        flag, kw = "--" + f.name.replace("_", "-"), dict(help=f"{f.metadata['help']} (default: {shown})")
+        flag, kw = "--" + f.name.replace("_", "-"), dict(help=f"{HELP[f.name]} (default: {shown})")
         if isinstance(f.default, bool):
             t.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         else:

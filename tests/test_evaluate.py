@@ -68,7 +68,7 @@ def test_bits_per_dim_of_noise_images_is_far_worse_than_of_data():
     cfg = small_cfg(T=100, ch=16, batch_size=32, lr=2e-3, warmup=10, steps=150)
     s, data = ddpm.setup(cfg, torch.device("cpu")), images.toycars(512, 16)
     for step in range(1, cfg.steps + 1):
-        idx = torch.randint(len(data), (32,), generator=s.draw_data.generator)
+        idx = torch.randint(len(data), (32,), generator=s.data_generator)
         ddpm.train_step(s, ddpm.get_batch(data, idx, torch.zeros(32, dtype=torch.bool)), step)
     held_out = images.toycars(32, 16, seed=9)
     noise = torch.randint(0, 256, held_out.shape, dtype=torch.uint8)

@@ -1,12 +1,11 @@
-"""The math of ddpm.py against independent calculations: schedule, forward process, posterior,
-samplers, network, loss and EMA. CPU, seconds."""
+"""The math of ddpm.py against independent calculations, beyond the learner's checks in test_ddpm.py:
+schedules, samplers, network, EMA. CPU, seconds."""
 
 import numpy as np
 import pytest
 import torch
 
 import ddpm
-import images
 import plumbing
 from helpers import small_cfg
 
@@ -29,43 +28,6 @@ def test_cosine_schedule_follows_its_alpha_bar():
     # alpha_bar_t = f(t) / f(0), except where the 0.999 clip on beta bites (the very last steps)
     np.testing.assert_allclose(sched.alpha_bar[:990].numpy(), (f(t) / f(0))[:990], rtol=1e-4)
     assert (sched.beta <= 0.999).all() and (sched.alpha_bar[1:] < sched.alpha_bar[:-1]).all()
-
-
-def test_closed_form_q_equals_iterating_one_step_at_a_time():
-    sched = ddpm.Schedule(ddpm.linear_beta(1000))
-    beta = np.linspace(1e-4, 0.02, 1000)
-    x0 = torch.linspace(-1, 1, 7).view(7, 1, 1, 1)
-    # Iterate q(x_t | x_{t-1}) = N(sqrt(1 - beta_t) x_{t-1}, beta_t): mean and variance of x_t given x_0.
-    mean, var = x0.double().numpy().copy(), 0.0
-    for i in range(1000):
-        mean, var = np.sqrt(1 - beta[i]) * mean, (1 - beta[i]) * var + beta[i]
-        if i in (0, 9, 99, 499, 999):
-            t = torch.full((7,), i)
-            got_mean = ddpm.q_sample(sched, x0, t, torch.zeros_like(x0))  # eps = 0 gives the mean
-            got_std = ddpm.q_sample(sched, x0, t, torch.ones_like(x0)) - got_mean  # eps = 1 adds one std
-            np.testing.assert_allclose(got_mean.numpy(), mean, rtol=1e-4, atol=1e-6)
-            np.testing.assert_allclose(got_std.numpy(), np.sqrt(var) * np.ones_like(mean), rtol=1e-4)
-
-
-def test_posterior_is_the_product_of_gaussians():
-    sched = ddpm.Schedule(ddpm.linear_beta(1000))
-    gen = torch.Generator().manual_seed(0)
-    x0, xt = torch.randn(5, 3, 2, 2, generator=gen), torch.randn(5, 3, 2, 2, generator=gen)
-    for i in (1, 2, 50, 500, 999):
-        t = torch.full((5,), i)
-        mean, var = ddpm.q_posterior(sched, x0, xt, t)
-        # Bayes: q(x_{t-1} | x_0) = N(sqrt(ab_prev) x0, 1 - ab_prev) times q(x_t | x_{t-1}), which as a
-        # function of x_{t-1} is N(x_t / sqrt(alpha_t), beta_t / alpha_t): precisions add, means weigh.
-        ab_prev = float(np.prod(1 - np.linspace(1e-4, 0.02, 1000)[:i]))
-        b = 1e-4 + (0.02 - 1e-4) * i / 999
-        a = 1 - b
-        precision = 1 / (1 - ab_prev) + a / b
-        expected_mean = (np.sqrt(ab_prev) * x0.double() / (1 - ab_prev) + np.sqrt(a) * xt.double() / b) / precision
-        np.testing.assert_allclose(var.flatten().numpy(), 1 / precision, rtol=1e-9)
-        np.testing.assert_allclose(mean.numpy(), expected_mean.numpy(), rtol=1e-5, atol=1e-6)
-    # At the first step (index 0) the posterior collapses onto x_0.
-    mean, var = ddpm.q_posterior(sched, x0, xt, torch.zeros(5, dtype=torch.long))
-    assert torch.allclose(mean, x0, atol=1e-6) and (var == 0).all()
 
 
 class FixedEps(torch.nn.Module):
@@ -92,13 +54,9 @@ def test_p_sample_is_algorithm_2_line_4():
         torch.testing.assert_close(got, expected.float(), rtol=1e-4, atol=1e-4)
 
 
-def test_no_noise_at_the_last_step():
+def test_the_last_ddim_step_is_the_clipped_x0_without_noise():
+    # The no-noise check of Algorithm 2 itself is in test_ddpm.py; DDIM's last step lands on x_0 the same way.
     sched = ddpm.Schedule(ddpm.linear_beta(1000))
-    xt = torch.randn(2, 3, 4, 4)
-    last = [ddpm.p_sample(FixedEps(), sched, xt, 0, torch.Generator().manual_seed(s)) for s in (1, 2)]
-    before = [ddpm.p_sample(FixedEps(), sched, xt, 1, torch.Generator().manual_seed(s)) for s in (1, 2)]
-    assert torch.equal(last[0], last[1])  # index 0 (paper t = 1): z = 0, the seed does not matter
-    assert not torch.allclose(before[0], before[1])
     x, _ = ddpm.ddim_sample(FixedEps(), sched, (2, 3, 4, 4), steps=10, eta=1.0, generator=torch.Generator().manual_seed(0))
     assert x.abs().max() <= 1.0 + 1e-6  # the last DDIM step returns the clipped x_0 prediction, noise-free
 
@@ -119,16 +77,9 @@ def test_ddim_with_eta_1_and_all_steps_is_ddpm_with_posterior_variance():
 
 def test_ddim_with_eta_0_is_deterministic_given_x_T():
     sched = ddpm.Schedule(ddpm.linear_beta(100, 1e-3, 0.1))
-    a, _ = ddpm.ddim_sample(FixedEps(), sched, (2, 3, 4, 4), steps=10, generator=torch.Generator().manual_seed(1))
-    b, _ = ddpm.ddim_sample(FixedEps(), sched, (2, 3, 4, 4), steps=10, generator=torch.Generator().manual_seed(1))
+    a, _ = ddpm.ddim_sample(FixedEps(), sched, (2, 3, 4, 4), steps=10, eta=0.0, generator=torch.Generator().manual_seed(1))
+    b, _ = ddpm.ddim_sample(FixedEps(), sched, (2, 3, 4, 4), steps=10, eta=0.0, generator=torch.Generator().manual_seed(1))
     assert torch.equal(a, b)
-
-
-@pytest.mark.parametrize("size, ch_mult, attn", [(8, (1, 2), (4,)), (16, (1, 2, 2), (8,)), (24, (1, 2, 2, 2), (6, 3)), (32, (1,), ())])
-def test_unet_keeps_the_shape(size, ch_mult, attn):
-    model = ddpm.UNet(small_cfg(image_size=size, ch_mult=ch_mult, attn_res=attn))
-    x = torch.randn(2, 3, size, size)
-    assert model(x, torch.tensor([0, 19])).shape == x.shape
 
 
 def test_a_size_the_unet_cannot_halve_is_refused():
@@ -152,33 +103,6 @@ def test_time_embedding_is_the_transformer_sinusoid_and_tells_t_apart():
     np.testing.assert_allclose(emb[:, 32 + i].numpy(), np.cos(np.arange(1000) / 10000 ** (i / 31)), atol=1e-4)
     dist = torch.cdist(emb, emb) + torch.eye(1000) * 1e9
     assert dist.min() > 0.1  # every step has its own embedding
-
-
-def test_first_loss_is_about_one():
-    torch.manual_seed(0)
-    model, sched = ddpm.UNet(small_cfg()), ddpm.Schedule(ddpm.linear_beta(20))
-    x0 = torch.rand(32, 3, 16, 16) * 2 - 1
-    g = torch.Generator().manual_seed(0)
-    t, eps = torch.randint(0, sched.T, (32,), generator=g), torch.randn(x0.shape, generator=g)
-    loss = ddpm.loss_fn(model, sched, x0, t, eps)
-    assert abs(loss.item() - 1) < 0.05  # zero output conv: eps_pred = 0, loss = mean(eps^2)
-
-
-def test_a_tiny_batch_can_be_overfit():
-    torch.manual_seed(0)
-    model, sched = ddpm.UNet(small_cfg(ch=16)), ddpm.Schedule(ddpm.linear_beta(20))
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    x0 = ddpm.get_batch(images.toycars(4, 16), torch.arange(4), torch.zeros(4, dtype=torch.bool))
-    g = torch.Generator().manual_seed(0)
-    t, eps = torch.randint(0, sched.T, (4,), generator=g), torch.randn(x0.shape, generator=g)
-    losses = []
-    for _ in range(150):  # the same x0, t and eps every step: the net can memorize them
-        loss = ddpm.loss_fn(model, sched, x0, t, eps)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert losses[0] > 0.9 and losses[-1] < 0.1 * losses[0]
 
 
 def test_ema_update_is_the_moving_average():

@@ -131,7 +131,8 @@ def test_original_betas_leave_the_noise_in_as_a_separate_recursion_predicts():
         k = np.sqrt(ab[t]) * s ** 2 / (ab[t] * s ** 2 + 1 - ab[t])
         c0, c1 = np.sqrt(ab_prev) * beta[t] / (1 - ab[t]), np.sqrt(1 - beta[t]) * (1 - ab_prev) / (1 - ab[t])
         var = (c0 * k + c1) ** 2 * var + (1 - ab_prev) / (1 - ab[t]) * beta[t]
-    with mistakes.patched(ddpm, "predict_x0", mistakes.predict_x0_unclipped):
+    unclipped = lambda *a: mistakes.P_SAMPLE(*a, clip=False)
+    with mistakes.patched(ddpm, "p_sample", unclipped):
         broken = run(mistakes.original_betas, sched, net)
     assert var > 10 * s ** 2  # far more variance than the data's: noise left in
     assert broken.var().item() == pytest.approx(var, rel=0.08)
@@ -150,10 +151,10 @@ def test_saved_as_0_1_is_what_torchvision_save_image_writes(tmp_path):
 
 def test_the_training_mistakes_change_what_they_claim():
     data = torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8)
-    draw = lambda: plumbing.RankDraws(torch.Generator().manual_seed(0))
-    right = ddpm.draw_batch(data, 16, draw())[0]
+    generator = lambda: torch.Generator().manual_seed(0)
+    right = ddpm.random_batch(data, 16, generator())[0]
     with mistakes.patched(ddpm, "get_batch", mistakes.get_batch_0_1):
-        x = ddpm.draw_batch(data, 16, draw())[0]
+        x = ddpm.random_batch(data, 16, generator())[0]
     assert x.min() >= 0 and x.max() <= 1 and torch.allclose(x * 255, (right + 1) * 127.5, atol=1e-4)  # [0, 1], as ToTensor() gives
     assert ddpm.get_batch is mistakes.GET_BATCH  # and put back
 

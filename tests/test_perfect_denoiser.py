@@ -67,8 +67,8 @@ def test_a_broken_sampler_fails_the_check(name, monkeypatch):
     how = dict(sampler="ddpm", var="beta")
     if BREAKAGES[name] == "noise":
         step = ddpm.p_sample
-        monkeypatch.setattr(ddpm, "p_sample", lambda m, sc, x, t, g=None, var="beta": step(m, sc, x, max(t, 1), g, var)
-                            if t == 0 else step(m, sc, x, t, g, var))
+        monkeypatch.setattr(ddpm, "p_sample", lambda m, sc, x, t, g=None, var="beta", clip=True:
+                            step(m, sc, x, max(t, 1), g, var, clip) if t == 0 else step(m, sc, x, t, g, var, clip))
     elif BREAKAGES[name] == "t+1":
         model = lambda x, t, perfect=model: perfect(x, (t + 1).clamp(max=T - 1))
     else:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import ddpm
+import solvers
 from helpers import cli
 from perfect_denoiser import MixtureDenoiser, exact_moments, grid
 
@@ -29,7 +30,7 @@ def end_point_error(sampler, steps, grid_kind, T=1000, s2=0.04, scale=1.0):
     if sampler == "ddim":
         x, _ = ddpm.ddim_sample(net, sched, shape, steps, 0.0, g, grid=grid_kind)
     else:
-        x = ddpm.dpm_solver_sample(net, sched, shape, steps, g, grid=grid_kind)
+        x = solvers.dpm_solver_sample(net, sched.alpha_bar, ddpm.timesteps(sched, steps, grid_kind), shape, g)
     ab_T = sched.alpha_bar[-1].item()
     exact = math.sqrt(s2) / math.sqrt(ab_T * s2 + 1 - ab_T) * x_T.double()
     return ((x.double() - exact).norm() / exact.norm()).item()
@@ -102,7 +103,7 @@ def test_the_respaced_schedule_keeps_alpha_bar_at_its_steps():
 def test_dpm_solver_with_two_steps_is_ddim_eta_0():
     # The first step has no earlier x_0 (first order) and the last lands on x_0: no correction anywhere.
     sched, net = gaussian(T=1000, s2=0.3)
-    x = ddpm.dpm_solver_sample(net, sched, (4, 3, 8, 8), 2, torch.Generator().manual_seed(0), grid="uniform")
+    x = solvers.dpm_solver_sample(net, sched.alpha_bar, ddpm.timesteps(sched, 2), (4, 3, 8, 8), torch.Generator().manual_seed(0))
     y, _ = ddpm.ddim_sample(net, sched, (4, 3, 8, 8), 2, 0.0, torch.Generator().manual_seed(0))
     assert torch.allclose(x, y, atol=1e-5)
 

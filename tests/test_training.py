@@ -16,7 +16,7 @@ def test_micro_batches_take_the_whole_batch_step():
     x0 = ddpm.get_batch(images.toycars(8, 16), torch.arange(8), torch.zeros(8, dtype=torch.bool))
     runs = []
     for micro in (8, 3):  # 8: the whole batch in one pass, whatever the CPU default would pick
-        s = ddpm.setup(dataclasses.replace(cfg, micro_batch=micro), torch.device("cpu"))
+        s = ddpm.setup(cfg, torch.device("cpu"), micro_batch=micro)
         losses = [ddpm.train_step(s, x0, step) for step in (1, 2, 3)]
         runs.append((losses, [p.grad.clone() for p in s.model.parameters()], [p.detach().clone() for p in s.model.parameters()]))
     (loss_a, grad_a, w_a), (loss_b, grad_b, w_b) = runs
