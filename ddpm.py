@@ -9,7 +9,8 @@ Read it top to bottom beside the paper and docs/walkthrough.md. First the paper,
 schedule, the forward process and its posterior, the U-Net, Algorithm 1 (the loss and one training step), the
 training loop, Algorithm 2. Then what came after the paper (DDIM, DPM-Solver++, guidance), and last the config
 and the `train` and `sample` commands. What does not touch the math lives beside this file: images.py (toy
-cars, image folders, classes) and plumbing.py (checkpoint files, the run folder, the loss log, flag checks).
+cars, image folders, classes), plumbing.py (checkpoint files, the run folder, the loss log, flag checks) and
+solvers.py (DPM-Solver++, a faster solver, written like this file).
 
 Code name      paper                       Code name    paper
 -----------    -------------------------   ---------    ------------------------------------
@@ -125,8 +126,8 @@ def timestep_embedding(t, dim):
 
 def norm(c):
     """Group norm with the paper's 32 groups where each group keeps at least 4 channels: gcd(32, c / 4)
-    groups, so 32 for paper32's 128 and 256 channels, but 8 for tiny's 32 and for cars64's 96 (c / 4 = 24
-    has only 8 in common with 32)."""
+    groups, so 32 for paper32's 128 and 256 channels, but 8 for tiny's 32 (16 for its 64) and for cars64's 96
+    (c / 4 = 24 has only 8 in common with 32)."""
     return nn.GroupNorm(math.gcd(32, c // 4), c)
 
 
@@ -293,7 +294,8 @@ def loss_fn(model, sched, x0, t, eps, y=None):
 
 @torch.no_grad()
 def ema_update(ema, model, decay):
-    """EMA of the weights (appendix B: decay 0.9999): theta_ema <- decay theta_ema + (1 - decay) theta."""
+    """EMA of the weights (appendix B; the paper's decay is 0.9999, the presets' their own):
+    theta_ema <- decay theta_ema + (1 - decay) theta."""
     for theta_ema, theta in zip(ema.parameters(), model.parameters()):
         # [app. B, EMA] theta_ema += (1 - decay) (theta - theta_ema), the same update, as one lerp
         theta_ema.lerp_(theta, 1 - decay)
@@ -312,7 +314,7 @@ def setup(cfg, device, rank=0, world=1, classes=(), bf16=False, micro_batch=0):
     """Everything a training step needs: the U-Net, its EMA copy, Adam, the schedule, the random generators.
     rank, world: this process's place among torchrun's ranks (0 of 1 without it); classes: their names.
     bf16: the network runs under bf16 autocast; micro_batch: images per forward and backward pass (0: all).
-    train() picks both for the device (bf16 where it runs natively; on a CPU, chunks that fit its cache)."""
+    train() asks plumbing.py for both (bf16 where the device runs it natively; on a CPU, chunks in cache)."""
     torch.manual_seed(cfg.seed)  # the initial weights, and dropout's masks
     s = SimpleNamespace(cfg=cfg, device=device, rank=rank, world=world, classes=list(classes),
                         sched=Schedule.from_config(cfg).to(device), micro_batch=micro_batch)
@@ -362,7 +364,8 @@ def train_step(s, x0, step, y=None):
         c = slice(start, start + size)  # this chunk's images
         with s.ddp.no_sync() if s.ddp and start + size < B else nullcontext():
             with s.autocast:
-                part = loss_fn(s.net, s.sched, x0[c], t[c], eps[c], y if y is None else y[c]) * len(x0[c]) / B
+                y_c = None if y is None else y[c]
+                part = loss_fn(s.net, s.sched, x0[c], t[c], eps[c], y_c) * (len(x0[c]) / B)  # its share
             part.backward()
         loss += part.detach()
     if s.cfg.grad_clip > 0:  # clip the gradient's norm, as the paper's code does
