@@ -7,10 +7,10 @@ Denoising Diffusion Probabilistic Models (Ho, Jain and Abbeel 2020, arXiv:2006.1
 
 Read it top to bottom beside the paper and docs/walkthrough.md. First the paper, in its order: the noise
 schedule, the forward process and its posterior, the U-Net, Algorithm 1 (the loss and one training step), the
-training loop, Algorithm 2. Then what came after the paper (DDIM, DPM-Solver++, guidance), and last the config
-and the `train` and `sample` commands. What does not touch the math lives beside this file: images.py (toy
-cars, image folders, classes), plumbing.py (checkpoint files, the run folder, the loss log, flag checks) and
-solvers.py (DPM-Solver++, a faster solver, written like this file).
+training loop, Algorithm 2. Then what came after the paper (cosine schedule, respacing, DDIM, guidance), and
+last the config and the `train` and `sample` commands. What does not touch the math lives beside this file:
+images.py (toy cars, image folders, classes) and plumbing.py (checkpoint files, the run folder, the loss
+log, flag checks); solvers.py holds DPM-Solver++ with and without noise, faster solvers in this file's style.
 
 Code name      paper                       Code name    paper
 -----------    -------------------------   ---------    ------------------------------------
@@ -551,19 +551,19 @@ def guided(model, y, w):
 
 
 def draw(model, sched, shape, sampler="ddpm", steps=None, eta=1.0, grid=None, generator=None, device="cpu"):
-    """x_0 from a sampler by name: "ddpm" (Algorithm 2, respaced when steps < T), "ddim" or "dpm++" (in
-    solvers.py). Default steps: T for ddpm, else 50; default grid (timesteps): lambda for dpm++, else
-    uniform."""
+    """x_0 from a sampler by name: "ddpm" (Algorithm 2, respaced when steps < T), "ddim", or "dpm++" and
+    "sde-dpm++" (solvers.py). Default steps: T for ddpm, else 50; default grid (timesteps): lambda for the
+    DPM-Solvers, else uniform."""
     steps = steps or (sched.T if sampler == "ddpm" else min(50, sched.T))
-    grid = grid or ("lambda" if sampler == "dpm++" else "uniform")
+    grid = grid or ("lambda" if "dpm++" in sampler else "uniform")
     if sampler == "ddpm":
         if steps < sched.T:
             model, sched = respace(model, sched, timesteps(sched, steps, grid))
         return p_sample_loop(model, sched, shape, generator, device)[0]
     if sampler == "ddim":
         return ddim_sample(model, sched, shape, steps, eta, generator, device, grid=grid)[0]
-    ts = timesteps(sched, steps, grid)
-    return solvers.dpm_solver_sample(model, sched.alpha_bar, ts, shape, generator, device)
+    ts, sde = timesteps(sched, steps, grid), sampler == "sde-dpm++"
+    return solvers.dpm_solver_sample(model, sched.alpha_bar, ts, shape, generator, device, sde)
 
 
 # ==============================================================================================

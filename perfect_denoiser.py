@@ -84,7 +84,7 @@ def grid(ab, steps, kind="uniform"):
 def exact_moments(sampler, T, mu, s2, steps=None, eta=0.0, var="beta", kind="uniform", beta_1=1e-4, beta_T=0.02):
     """Mean and variance of one value of a sampler's output with the perfect denoiser of N(mu, s2), in
     float64: "ddpm" (Algorithm 2 with sigma^2 = beta or beta_tilde, respaced on `steps` of the T steps),
-    "ddim" (eta) or "dpm++" (DPM-Solver++(2M)), on the grid `kind`. The output is tracked as a constant plus
+    "ddim" (eta), "dpm++" (DPM-Solver++(2M)) or "sde-dpm++" (SDE-DPM-Solver++(2M)), on the grid `kind`. The output is tracked as a constant plus
     coefficients on x_T and on each step's fresh noise, all independent N(0, 1)."""
     beta, ab = linear_alpha_bar(T, beta_1, beta_T)
     ts = grid(ab, steps or T, kind)
@@ -108,14 +108,18 @@ def exact_moments(sampler, T, mu, s2, steps=None, eta=0.0, var="beta", kind="uni
             sigma2 = eta ** 2 * (1 - ap) / (1 - a) * (1 - a / ap)
             c = np.sqrt(1 - ap - sigma2)
             x, b = np.sqrt(ap) * x0[0] + c * eps[0] + np.sqrt(sigma2) * z, np.sqrt(ap) * x0[1] + c * eps[1]
-        elif i_next < 0:  # dpm++, the last step: x_0 is the prediction
+        elif i_next < 0:  # dpm++ and sde-dpm++, the last step: x_0 is the prediction
             x, b = x0
-        else:  # dpm++: the exponential integrator in lambda with the second-order D (Lu et al. 2022, alg. 2)
+        else:  # the exponential integrator in lambda with the second-order D (Lu et al. 2022, alg. 2)
             h = 0.5 * np.log(ap / (1 - ap)) - 0.5 * np.log(a / (1 - a))
             w = 0.0 if x0_before is None or h > 2 * h_before else h / (2 * h_before)
             D = x0 if w == 0 else ((1 + w) * x0[0] - w * x0_before[0], (1 + w) * x0[1] - w * x0_before[1])
-            r, c = np.sqrt((1 - ap) / (1 - a)), -np.sqrt(ap) * np.expm1(-h)
-            x, b = r * x + c * D[0], r * b + c * D[1]
+            if sampler == "dpm++":  # the probability-flow ODE
+                r, c, n = np.sqrt((1 - ap) / (1 - a)), -np.sqrt(ap) * np.expm1(-h), 0.0
+            else:  # sde-dpm++: the reverse SDE; of x, e^-h stays, the rest of its variance comes back as fresh noise
+                r, c = np.sqrt((1 - ap) / (1 - a)) * np.exp(-h), np.sqrt(ap) * (1 - np.exp(-2 * h))
+                n = np.sqrt(1 - ap) * np.sqrt(1 - np.exp(-2 * h))
+            x, b = r * x + c * D[0] + n * z, r * b + c * D[1]
             x0_before, h_before = x0, h
     return b, float(x @ x)
 
@@ -132,6 +136,8 @@ if __name__ == "__main__":  # the table of docs/walkthrough.md: python perfect_d
                             ("Algorithm 2 respaced, sigma_t^2 = beta_t", dict(sampler="ddpm", steps=50), 50),
                             ("DDIM, eta = 0, lambda grid", dict(sampler="ddim", steps=20, kind="lambda"), 20),
                             ("DPM-Solver++(2M), lambda grid", dict(sampler="dpm++", steps=20, kind="lambda"), 20),
-                            ("DPM-Solver++(2M), lambda grid", dict(sampler="dpm++", steps=10, kind="lambda"), 10)]:
+                            ("DPM-Solver++(2M), lambda grid", dict(sampler="dpm++", steps=10, kind="lambda"), 10),
+                            ("SDE-DPM-Solver++(2M), lambda grid", dict(sampler="sde-dpm++", steps=20, kind="lambda"), 20),
+                            ("SDE-DPM-Solver++(2M), lambda grid", dict(sampler="sde-dpm++", steps=10, kind="lambda"), 10)]:
         v = exact_moments(T=1000, mu=0.0, s2=s2, **kw)[1]
         print(f"| {name} | {calls} | {v:.4f} | {v / s2:.3f} |")

@@ -196,7 +196,8 @@ def sweep_plot(results, path, title):
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     reference = [r for r in results if r["sampler"] == "ddpm" and r["calls"] > 100]
     for name, label in [("ddpm", "Algorithm 2, respaced"), ("ddim-eta0", "DDIM, eta = 0"), ("ddim-eta1", "DDIM, eta = 1"),
-                        ("dpm++", "DPM-Solver++(2M), grid even in log-SNR"), ("dpm++-uniform", "DPM-Solver++(2M), grid even in t")]:
+                        ("dpm++", "DPM-Solver++(2M), grid even in log-SNR"), ("dpm++-uniform", "DPM-Solver++(2M), grid even in t"),
+                        ("sde-dpm++", "SDE-DPM-Solver++(2M), grid even in log-SNR")]:
         rs = [r for r in results if r["sampler"] == name and r["calls"] <= 100]
         calls = sorted({r["calls"] for r in rs})
         if not calls:
@@ -224,7 +225,7 @@ def samplers_plot(model, cfg, path, title, calls=(10, 20), n=8, seed=0):
     sched, rows, labels = ddpm.Schedule.from_config(cfg), [], []
     for c in calls:
         for sampler, eta, label in [("ddpm", 1.0, "Algorithm 2 respaced"), ("ddim", 0.0, "DDIM eta 0"), ("ddim", 1.0, "DDIM eta 1"),
-                                    ("dpm++", 1.0, "DPM-Solver++")]:
+                                    ("dpm++", 1.0, "DPM-Solver++"), ("sde-dpm++", 1.0, "SDE-DPM-Solver++")]:
             with torch.inference_mode():
                 rows.append(ddpm.draw(model, sched, (n, 3, cfg.image_size, cfg.image_size), sampler, c, eta, None,
                                       torch.Generator().manual_seed(seed)))

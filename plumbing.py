@@ -9,7 +9,7 @@ nothing of the project, so every other one may import it and none of them is imp
                       solvers.py  <-
 """
 
-import argparse, csv, glob, math, os, pickle, re, signal, socket, sys, time
+import argparse, csv, glob, math, os, pickle, re, signal, socket, stat, sys, time
 from contextlib import contextmanager
 from dataclasses import asdict, fields
 from types import SimpleNamespace
@@ -197,6 +197,7 @@ def restore(s, path):
                         f"{summary(s.classes)}: resuming would mix up the labels. Train on the same data, or start a new run.")
     load_weights(s.model, ckpt["model"], path)
     load_weights(s.ema, ckpt["ema"], path)
+    check_adam_state(ckpt["opt"], s.model, path)
     try:
         s.optimizer.load_state_dict(ckpt["opt"])
         torch.set_rng_state(rng["torch"])
@@ -208,6 +209,23 @@ def restore(s, path):
         raise UserError(f"{path} cannot be resumed: its Adam or random state does not fit this run "
                         f"({first_line(e)}).") from None
     return ckpt["step"]
+
+
+def check_adam_state(opt, model, path):
+    """Adam's moments must fit the parameters and be finite numbers before the first step: fused Adam does not
+    check shapes, and a mismatch crashed the process (a segmentation fault) instead of saying why."""
+    state, params = opt.get("state"), list(model.parameters())
+    ok = isinstance(state, dict) and all(isinstance(v, dict) for v in state.values())
+    for i, moments in (state.items() if ok else []):
+        p = params[i] if isinstance(i, int) and 0 <= i < len(params) else None
+        for key in ("exp_avg", "exp_avg_sq"):
+            m = moments.get(key)
+            ok = ok and p is not None and torch.is_tensor(m) and m.shape == p.shape and m.is_floating_point() \
+                and bool(torch.isfinite(m).all())
+    if not ok:
+        raise UserError(f"{path} cannot be resumed: its Adam state does not fit the network's parameters (shapes, "
+                        f"dtypes), or holds NaN or infinite moments. It can still sample (python ddpm.py sample "
+                        f"--ckpt {path}); to train on, start a new run with another --out-dir.")
 
 
 def summary(classes, most=8):
@@ -308,7 +326,16 @@ def lock_run_folder(out_dir):
     checkpoint files (only the lock's holder writes them) and temporary pictures of processes gone."""
     if fcntl is None:
         return None
-    f = open(os.path.join(out_dir, ".lock"), "a+")
+    path = os.path.join(out_dir, ".lock")
+    try:  # never through a symlink, and only a regular file: the lock is our own bookkeeping
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise OSError("not a regular file")
+    except OSError as e:
+        raise UserError(f"cannot use {path} as the run folder's lock ({e.strerror or first_line(e)}; a symlink, a "
+                        f"folder or an unreadable file). Remove it, or pass another --out-dir.") from None
+    f = os.fdopen(fd, "a+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -386,14 +413,25 @@ class LossLog:
         self.loss_sum, self.n, self.tic = torch.zeros((), device=run.device), 0, time.time()
         if not run.master:
             return
-        path, rows = os.path.join(run.out_dir, "log.csv"), []
-        if step > 0 and os.path.exists(path):
-            with open(path) as f:
-                rows = [r for r in csv.DictReader(f) if r.get("step", "").isdigit() and int(r["step"]) <= step]
-        self.f = open(path, "w", newline="")
-        self.w = csv.DictWriter(self.f, ["step", "loss", "lr", "img_per_s", "seconds"])
-        self.w.writeheader()
-        self.w.writerows(rows)
+        path, rows, fields = os.path.join(run.out_dir, "log.csv"), [], ["step", "loss", "lr", "img_per_s", "seconds"]
+        if step > 0 and os.path.isfile(path):  # keep the rows up to the checkpoint's step
+            try:
+                with open(path, newline="") as f:
+                    rows = [r for r in csv.DictReader(f) if r.get("step", "").isdigit() and int(r["step"]) <= step]
+            except (OSError, UnicodeDecodeError, csv.Error):  # unreadable: start the log afresh
+                rows = []
+        # Written whole under a temporary name and renamed, then appended to: a kill at any moment leaves
+        # either the old log or the new one with the kept rows, never an empty file.
+        with atomic(path) as tmp, open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fields)
+            w.writeheader()
+            w.writerows({k: r.get(k) for k in fields} for r in rows)
+        try:
+            self.f = open(path, "a", newline="")
+        except OSError as e:
+            raise WriteError(f"could not open {path} to append the loss ({first_line(e)}). Free some disk space, "
+                             f"fix the folder's permissions, or choose another --out-dir.") from None
+        self.w = csv.DictWriter(self.f, fields)
         try:
             self.t0 = time.time() - float(rows[-1]["seconds"])
         except (IndexError, KeyError, TypeError, ValueError):  # a new log, or a damaged last row
@@ -525,19 +563,20 @@ def parse_args(Config, description, argv=None):
 
 def add_sampler_args(p):
     """The flags that choose a sampler, for sample and evaluate.py."""
-    p.add_argument("--sampler", choices=("ddpm", "ddim", "dpm++"), default="ddpm",
-                   help="ddpm: Algorithm 2 (respaced when --steps < T); ddim: DDIM; dpm++: DPM-Solver++(2M)")
+    p.add_argument("--sampler", choices=("ddpm", "ddim", "dpm++", "sde-dpm++"), default="ddpm",
+                   help="ddpm: Algorithm 2 (respaced when --steps < T); ddim: DDIM; dpm++: DPM-Solver++(2M); "
+                        "sde-dpm++: SDE-DPM-Solver++(2M), with noise, for few steps on a briefly trained model")
     p.add_argument("--steps", type=int, help="network calls (default: T for ddpm, 50 for the others, at most T)")
     p.add_argument("--eta", type=float, default=1.0, help="DDIM noise: 1 like DDPM, forgiving of short training; 0 deterministic")
     p.add_argument("--grid", choices=("uniform", "lambda"),
-                   help="where the steps fall: evenly in t, or in log-SNR (default: lambda for dpm++, uniform for the others)")
+                   help="where the steps fall: evenly in t, or in log-SNR (default: lambda for dpm++ and sde-dpm++, uniform for the others)")
 
 
 def check_sample_args(args, cfg, UNet, device, at_once):
     """sample's and evaluate.py's flags, against the checkpoint's config cfg; at_once: how many images are
     sampled together. Fills in the default --steps and --grid, which depend on the model's T and the sampler."""
     args.steps = (cfg.T if args.sampler == "ddpm" else min(50, cfg.T)) if args.steps is None else args.steps
-    args.grid = args.grid or ("lambda" if args.sampler == "dpm++" else "uniform")
+    args.grid = args.grid or ("lambda" if "dpm++" in args.sampler else "uniform")
     if not 1 <= args.n <= MAX_INT:
         raise UserError(f"--n {args.n}: the number of images must be at least 1.")
     if not 1 <= args.steps <= cfg.T:

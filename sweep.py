@@ -32,8 +32,9 @@ SAMPLERS = {  # name in the results: (sampler, eta, grid); None: the sampler's d
     "ddim-eta1": ("ddim", 1.0, None),
     "dpm++": ("dpm++", 1.0, None),  # eta is not used; the grid even in log-SNR
     "dpm++-uniform": ("dpm++", 1.0, "uniform"),  # only when asked for with --only: the grid even in t
+    "sde-dpm++": ("sde-dpm++", 1.0, None),  # SDE-DPM-Solver++(2M): the grid even in log-SNR, fresh noise each step
 }
-DEFAULT = ("ddpm", "ddim-eta0", "ddim-eta1", "dpm++")
+DEFAULT = ("ddpm", "ddim-eta0", "ddim-eta1", "dpm++", "sde-dpm++")
 
 
 def points(calls, samplers, seeds, T):
@@ -61,7 +62,7 @@ def run_point(model, sched, cfg, ref, net, name, calls, seed, n, batch, device, 
     mu, sigma = evaluate.feature_stats(evaluate.inception_features(net, samples, device=device, desc="sample features"))
     fid = evaluate.frechet_distance(mu, sigma, ref["mu"], ref["sigma"])
     result = dict(sampler=name, calls=calls, seed=seed, fid=round(fid, 3), sampling_s=round(seconds, 1), n=n, n_ref=ref["n"],
-                  grid=grid or ("lambda" if sampler == "dpm++" else "uniform"), device=str(device), threads=torch.get_num_threads())
+                  grid=grid or ("lambda" if "dpm++" in sampler else "uniform"), device=str(device), threads=torch.get_num_threads())
     if w is not None:
         result.update(guidance=w, eta=eta)
         if cfg.data == "toycars":
