@@ -272,3 +272,47 @@ def test_ctrl_c_during_start_up_exits_quietly(tmp_path):
         p.send_signal(signal.SIGINT)
         out, err = p.communicate(timeout=60)
         assert p.returncode == 130 and "Traceback" not in err, err
+
+
+# ---------------------------------------------------------------- files of a run that must never be lost (issue 20)
+
+def test_resuming_rewrites_the_loss_log_whole_before_the_first_row(tmp_path):
+    # The moment that matters: the log opened for the resumed run, nothing written yet. A kill -9 here used to
+    # leave log.csv empty (it was reopened with "w", the kept rows still in Python's buffer).
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = "step,loss,lr,img_per_s,seconds\n" + "".join(f"{s},0.5,0.001,10.0,{s}.0\n" for s in (2, 4, 6, 8))
+    (run / "log.csv").write_text(rows)
+    cfg = small_cfg(steps=8)
+    log = plumbing.LossLog(plumbing.SimpleNamespace(out_dir=str(run), master=True, device=torch.device("cpu")), 4, cfg)
+    try:  # read by another handle, as a process that outlives this one would find it
+        kept = (run / "log.csv").read_text().splitlines()
+        assert kept == ["step,loss,lr,img_per_s,seconds", "2,0.5,0.001,10.0,2.0", "4,0.5,0.001,10.0,4.0"]
+    finally:
+        log.close()
+
+
+def test_a_lock_that_is_a_symlink_is_refused_and_its_target_untouched(tmp_path):
+    target = tmp_path / "precious.txt"
+    target.write_text("keep me\n")
+    (tmp_path / "run").mkdir()
+    os.symlink(target, tmp_path / "run" / ".lock")
+    r = cli(*TRAIN, "--out-dir", "run", cwd=tmp_path)
+    assert r.returncode == 2 and ".lock" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert target.read_text() == "keep me\n"
+    os.remove(tmp_path / "run" / ".lock")
+    os.mkdir(tmp_path / "run" / ".lock")  # a folder where the lock should be: the same message
+    r = cli(*TRAIN, "--out-dir", "run", cwd=tmp_path)
+    assert r.returncode == 2 and ".lock" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_adam_moments_that_do_not_fit_are_refused_before_the_first_step(tmp_path):
+    # They used to crash fused Adam with a segmentation fault (exit 139) at the first resumed step.
+    assert cli(*TRAIN, "--out-dir", "run", cwd=tmp_path).returncode == 0
+    ckpt = weights(tmp_path / "run" / "ckpt.pt")
+    moments = ckpt["opt"]["state"][0]
+    for bad in (moments["exp_avg"].flatten()[:3].clone(), torch.full_like(moments["exp_avg"], float("nan"))):
+        ckpt["opt"]["state"][0] = {**moments, "exp_avg": bad}
+        torch.save(ckpt, tmp_path / "run" / "ckpt.pt")
+        r = cli("train", "--resume", "--steps", "4", "--out-dir", "run", cwd=tmp_path)
+        assert r.returncode == 2 and "Adam state" in r.stderr and "Traceback" not in r.stderr, r.stderr
