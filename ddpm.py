@@ -247,7 +247,8 @@ class UNet(nn.Module):
 
     def forward(self, x, t, y=None):
         emb = self.emb(timestep_embedding(t, self.ch))  # (B, 4 ch)
-        if self.label_emb is not None:  # [guidance, label added] y = None: "no class" for every image
+        # [guidance, label added] the class's vector added to the time's; y = None: "no class" for every image
+        if self.label_emb is not None:
             emb = emb + self.label_emb(torch.full_like(t, self.num_classes) if y is None else y)
         h = self.conv_in(x)
         skips = [h]
