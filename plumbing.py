@@ -692,6 +692,9 @@ def check_config(cfg, source=""):
             refuse(name, f"must be {what}")
     if cfg.beta_1 > cfg.beta_T:
         refuse("beta_1", f"must not exceed --beta-T {cfg.beta_T}: the noise added per step grows with t")
+    if cfg.schedule == "linear" and 1 - cfg.beta_1 == 1:  # the schedule is float64 (float32 on MPS)
+        refuse("beta_1", "is so small that 1 - beta rounds to 1 in the schedule's float64: the first step would "
+                         "add no noise at all and its samples come out NaN (the paper: 1e-4)")
     levels = len(cfg.ch_mult)
     if cfg.image_size % 2 ** (levels - 1):
         refuse("image_size", f"cannot go through {levels} levels of the U-Net: it must be divisible by 2 ** {levels - 1} = "

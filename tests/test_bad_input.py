@@ -114,6 +114,7 @@ BAD = [  # (argv, words the message must hold); a script's name first means its 
     (["train", "--ema-decay", "-1"], ["--ema-decay -1"]),
     (["sample", "--ckpt", OK, "--sampler", "ddim", "--eta", "-1"], ["--eta -1"]),
     (["train", "--beta-1", "0.03"], ["--beta-1 0.03", "must not exceed --beta-T 0.02"]),
+    (["train", "--beta-1", "1e-17"], ["--beta-1 1e-17", "rounds to 1"]),  # issue 20: an all-black preview, exit 0
     (["train", *SMALL, "--resume", "--out-dir", "ok", "--data", "cars"], ["--data (it was trained with 'toycars')"]),
     (["sample", "--ckpt", OK, "--sampler", "ddim", "--steps", "5000"], ["--steps 5000", "T = 20"]),
     (["sample", "--ckpt", OK, "--out", "grid.gif"], ["--out grid.gif", ".png, .jpg or .jpeg"]),
