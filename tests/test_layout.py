@@ -70,3 +70,10 @@ def test_algorithms_1_and_2_call_nothing_of_ours_outside_ddpm_py():
                  "s.optimizer.step()", "ema_update("):
         assert line in step, line
     assert "torch.optim.Adam(" in ast.get_source_segment(open(os.path.join(HERE, "ddpm.py")).read(), defs["setup"])
+
+
+def test_every_config_field_has_its_help_text():
+    # The flags of `train` are built from Config's fields, their help from plumbing.HELP: the two must agree.
+    import dataclasses
+    import ddpm, plumbing
+    assert {f.name for f in dataclasses.fields(ddpm.Config)} == set(plumbing.HELP)
