@@ -26,7 +26,7 @@ def dpm_solver_sample(model, alpha_bar, ts, shape, generator=None, device="cpu",
         x0 = ((x - (1 - a_bar).sqrt() * model(x, t_batch).float()) / a_bar.sqrt()).float().clamp(-1, 1)
         if t_next < 0:  # the last step, to lambda = infinity, is first order: x_0 is the prediction itself
             return x0
-        a_bar_next = alpha_bar[t_batch * 0 + t_next].view(-1, 1, 1, 1)
+        a_bar_next = alpha_bar[torch.full_like(t_batch, t_next)].view(-1, 1, 1, 1)
         # [dpm++ h] the step in lambda = log(a / b), a = sqrt(alpha_bar), b = sqrt(1 - alpha_bar)
         h = 0.5 * ((a_bar_next / (1 - a_bar_next)).log() - (a_bar / (1 - a_bar)).log())
         # [dpm++ 2M] D = (1 + 1/(2r)) x0 - 1/(2r) x0_before, r = h_before / h; first order where r < 1/2
