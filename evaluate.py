@@ -131,6 +131,7 @@ def bound_terms(model, sched, x0, t, generator=None):
     alpha_bar = ddpm.at(sched.alpha_bar, t)
     # [eq. 11] mu_theta = 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - alpha_bar_t) eps_theta), not clipped
     mean = (xt - ddpm.at(sched.beta, t) / (1 - alpha_bar).sqrt() * eps_pred) / ddpm.at(sched.alpha, t).sqrt()
+    # the KL of each step's Gaussian against the posterior of eq. 7, and the decoder's term at t = 0
     var = reverse_var(sched, t)
     true_mean, true_var = ddpm.q_posterior(sched, x0, xt, t)
     kl = normal_kl(true_mean, true_var.clamp(min=1e-20), mean, var).flatten(1).sum(1)
