@@ -162,7 +162,7 @@ def test_toy_cars_from_8_pixels_and_unchanged_from_16():
 
 
 def test_memory_estimate_is_close_to_what_training_uses(monkeypatch):
-    # bench.py measured paper32 at batch 128 in one pass (fp32): 7.60 GB used (README, Speed).
+    # bench.py measured paper32 at batch 128 in one pass (fp32): 7.60 GB used (docs/speed.md).
     monkeypatch.setattr(plumbing, "available_memory", lambda device: 0)  # so that it says what it needs
     with pytest.raises(plumbing.UserError, match=r"at least about") as e:
         plumbing.check_memory(ddpm.make_config("paper32", micro_batch=128), ddpm.UNet, torch.device("cpu"))

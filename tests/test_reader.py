@@ -65,7 +65,7 @@ report({
   loaded: faces.filter(f => f.status === 'loaded').map(f => f.family.replace(/"/g, '') + ' ' + f.style + ' ' + f.weight),
   failed: faces.filter(f => f.status === 'error').map(f => f.family),
   blackboard: document.fonts.check('16px KaTeX_AMS'), calligraphic: document.fonts.check('16px KaTeX_Caligraphic'),
-  main: getComputedStyle(document.querySelector('.katex')).fontFamily,
+  main: document.querySelector('.katex') ? getComputedStyle(document.querySelector('.katex')).fontFamily : '',
 });
 """
 
@@ -74,9 +74,11 @@ report({
 def test_every_equation_is_typeset_with_katex_fonts_from_the_file_system(page):
     result = run_in_page(page, MATH_PROBE)
     expected = equations_in(page)
-    assert result["equations"] == expected > 0, (page, result["equations"], expected)
+    assert result["equations"] == expected, (page, result["equations"], expected)
     assert result["errors"] == 0
     assert result["leftover"] == [], f"TeX left untypeset in {page}: {result['leftover']}"
+    if expected == 0:  # a chapter of tables and prose: no maths, no KaTeX fonts to load
+        return
     assert result["failed"] == [], f"fonts that did not load: {result['failed']}"
     families = {f.split()[0] for f in result["loaded"]}
     assert {"KaTeX_Main", "KaTeX_Math"} <= families, result["loaded"]
