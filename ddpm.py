@@ -64,7 +64,7 @@ class Schedule:
         self.beta = beta.double()
         self.alpha = 1 - self.beta
         self.alpha_bar = torch.cumprod(self.alpha, dim=0)
-        # alpha_bar_{t-1} at index t-1: before the first step nothing is noised yet, alpha_bar_0 = 1
+        # [alpha_bar_0] alpha_bar_{t-1} at index t-1: nothing is noised before the first step, alpha_bar_0 = 1
         self.alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.alpha_bar[:-1]])
 
     @classmethod
@@ -239,17 +239,18 @@ class UNet(nn.Module):
             if i > 0:
                 self.up.append(Upsample(c))
                 res *= 2
-        # The output conv starts at zero: eps_pred = 0 at first, so the first loss is E[eps^2] = 1.
+        # [unet out] The output conv starts at zero: eps_pred = 0 at first, so the first loss is E[eps^2] = 1.
         self.out = nn.Sequential(norm(c), nn.SiLU(), zero(nn.Conv2d(c, 3, 3, padding=1)))
         # [guidance, label] Classifier-free guidance: a vector per class, one for "no class", added to emb.
         self.num_classes = num_classes
         self.label_emb = nn.Embedding(num_classes + 1, emb_dim) if num_classes else None
 
     def forward(self, x, t, y=None):
-        emb = self.emb(timestep_embedding(t, self.ch))  # (B, 4 ch)
+        emb = self.emb(timestep_embedding(t, self.ch))  # [time embedding] (B, 4 ch)
         # [guidance, label added] the class's vector added to the time's; y = None: "no class" for every image
         if self.label_emb is not None:
             emb = emb + self.label_emb(torch.full_like(t, self.num_classes) if y is None else y)
+
         h = self.conv_in(x)
         skips = [h]
         for layer in self.down:
@@ -269,7 +270,7 @@ class UNet(nn.Module):
 
 def get_batch(data, idx, flip):
     """uint8 images at idx, mirrored where flip is True, as floats in [-1, 1]: (B, 3, H, W)."""
-    x = data[idx].float() / 127.5 - 1
+    x = data[idx].float() / 127.5 - 1  # [data in -1 1] 0..255 to [-1, 1]
     return torch.where(flip[:, None, None, None], x.flip(3), x)
 
 
@@ -377,6 +378,7 @@ def train_step(s, x0, step, y=None):
     # [ema ramp] the EMA's decay ramps up as (1 + step) / (10 + step), so a short run's average leaves the
     # random initial weights behind
     ema_update(s.ema, s.model, min(s.cfg.ema_decay, (1 + step) / (10 + step)))
+
     return loss
 
 
@@ -502,7 +504,9 @@ def respace(model, sched, ts):
     then has the marginals q(x_t | x_0) of the long one. Returns (model, schedule) for p_sample_loop."""
     ts = ts.flip(0).to(sched.alpha_bar.device)  # ascending
     alpha_bar = sched.alpha_bar[ts]
+    # [respace, beta] beta_i = 1 - alpha_bar_{t_i} / alpha_bar_{t_(i-1)}
     beta = 1 - alpha_bar / torch.cat([alpha_bar.new_ones(1), alpha_bar[:-1]])
+    # [respace, index] the network is fed the original index ts[i]
     return (lambda x, i: model(x, ts[i])), Schedule(beta.cpu()).to(sched.alpha_bar.device)
 
 
@@ -523,7 +527,8 @@ def ddim_sample(model, sched, shape, steps=50, eta=1.0, generator=None, device="
         t_prev_batch = torch.full_like(t_batch, t_prev)
         alpha_bar_prev = at(sched.alpha_bar, t_prev_batch) if t_prev >= 0 else torch.ones_like(alpha_bar)
         x0 = predict_x0(sched, x, t_batch, model(x, t_batch).float()).clamp(-1, 1)  # clipped, as in p_sample
-        eps_pred = (x - alpha_bar.sqrt() * x0) / (1 - alpha_bar).sqrt()  # the eps that fits the clipped x0
+        # [ddim eps] the eps that fits the clipped x0
+        eps_pred = (x - alpha_bar.sqrt() * x0) / (1 - alpha_bar).sqrt()
         # [ddim eq. 16] sigma = eta sqrt((1 - alpha_bar_prev) / (1 - alpha_bar))
         #                          * sqrt(1 - alpha_bar / alpha_bar_prev)
         sigma = eta * ((1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev)).sqrt()
@@ -580,7 +585,7 @@ class Config:
     cond_drop: float = 0.1          # with cond: the probability that an image's class becomes "no class"
     image_size: int = 32            # H = W; divisible by 2 ** (len(ch_mult) - 1)
     n_toycars: int = 20000          # how many toy cars to draw
-    T: int = 1000                   # diffusion steps
+    T: int = 1000                   # [config T] diffusion steps
     schedule: str = "linear"        # linear (the paper) or cosine (Nichol and Dhariwal 2021)
     beta_1: float = 1e-4            # linear schedule: beta at t = 1
     beta_T: float = 0.02            # linear schedule: beta at t = T

@@ -82,7 +82,9 @@ def save_grid(x, path, nrow=None):
     """x: (B, 3, H, W) in [-1, 1] -> one grid image, PNG or JPEG by path's suffix, written atomically (its
     folder is made if need be)."""
     from torchvision.utils import make_grid
+    # [grid] [-1, 1] to [0, 1], the range make_grid and the PNG expect
     grid = make_grid((x.float().clamp(-1, 1) + 1) / 2, nrow=nrow or math.ceil(math.sqrt(len(x))), padding=1)
+
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with atomic(path) as tmp:
         Image.fromarray(grid.mul(255).round().byte().permute(1, 2, 0).cpu().numpy()).save(
