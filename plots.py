@@ -1,4 +1,4 @@
-"""The pictures of the README and docs/walkthrough.md, drawn from real runs and measured results.
+"""The pictures of the README and docs/ (walkthrough, gallery, samplers, guidance), drawn from real runs and measured results.
 
     python plots.py                                  # from the newest runs/*/ckpt.pt, into assets/
     python plots.py --ckpt runs/tiny/ckpt.pt --out pictures/

@@ -287,7 +287,7 @@ def default_micro_batch(cfg, device, bf16):
     """Images per forward and backward pass when --micro-batch is 0: on a CPU, as many as keep one
     full-resolution activation (ch x H x W) within 8 MiB, so that a layer's output is still in the CPU's
     cache when the next layer reads it: paper32 at batch 128 trains 1.7x faster in chunks of 16 (fp32) or
-    32 (bf16) (bench.py, README). tiny's batch of 64 fits whole. Elsewhere 0: the whole batch at once."""
+    32 (bf16) (bench.py, docs/speed.md). tiny's batch of 64 fits whole. Elsewhere 0: the whole batch at once."""
     if device.type != "cpu":
         return 0
     return max(1, 8 * 2 ** 20 // (cfg.ch * cfg.image_size ** 2 * (2 if bf16 else 4)))

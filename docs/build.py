@@ -147,9 +147,9 @@ KATEX = DOCS / "node_modules" / "katex" / "dist"
 
 STYLE = """
 body { margin: 0; font: 17px/1.6 Georgia, 'Times New Roman', serif; color: #222; }
-#prose { padding: 1em 2.5em 80vh; box-sizing: border-box; max-width: 52em; }
-body.split #prose { width: 46%; }
-#code { position: fixed; top: 0; right: 0; width: 54%; height: 100vh; overflow: auto; background: #fafafa;
+#prose { padding: 1em 2em 80vh; box-sizing: border-box; max-width: 52em; }
+body.split #prose { width: 50%; }
+#code { position: fixed; top: 0; right: 0; width: 50%; height: 100vh; overflow: auto; background: #fafafa;
         border-left: 1px solid #ddd; font: 12.5px/1.45 Menlo, Consolas, 'DejaVu Sans Mono', monospace; }
 #code .name { position: sticky; top: 0; background: #eee; padding: 0.3em 1em; font-weight: bold; z-index: 1; }
 #code pre { margin: 0; padding: 0.5em 1em 0.5em 0; white-space: pre-wrap; overflow-wrap: anywhere; }
@@ -166,10 +166,11 @@ body.split #prose { width: 46%; }
 #toc { font-size: 0.95em; border: 1px solid #ddd; background: #fcfcfc; padding: 0.5em 1em; }
 #toc ol { margin: 0.3em 0; padding-left: 1.5em; }
 .katex-display { overflow-x: auto; overflow-y: hidden; padding: 0.2em 0; }
-.katex { font-size: 1.1em; }
+.katex { font-size: 1.08em; }
 .table { overflow-x: auto; }
 table { border-collapse: collapse; } td, th { border: 1px solid #ccc; padding: 0.2em 0.5em; }
 img { max-width: 100%; }
+@media (max-width: 1200px) { body.split #prose { width: 58%; } #code { width: 42%; } }
 """
 
 SCRIPT = """

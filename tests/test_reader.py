@@ -64,6 +64,8 @@ report({
   leftover: (prose.textContent.match(/\\\\[a-zA-Z]*|\\$/g) || []).slice(0, 10),
   loaded: faces.filter(f => f.status === 'loaded').map(f => f.family.replace(/"/g, '') + ' ' + f.style + ' ' + f.weight),
   failed: faces.filter(f => f.status === 'error').map(f => f.family),
+  wide: [...document.querySelectorAll('.katex-display')].filter(d => d.scrollWidth > d.clientWidth + 1)
+        .map(d => d.querySelector('annotation').textContent.slice(0, 60)),
   blackboard: document.fonts.check('16px KaTeX_AMS'), calligraphic: document.fonts.check('16px KaTeX_Caligraphic'),
   main: document.querySelector('.katex') ? getComputedStyle(document.querySelector('.katex')).fontFamily : '',
 });
@@ -77,6 +79,7 @@ def test_every_equation_is_typeset_with_katex_fonts_from_the_file_system(page):
     assert result["equations"] == expected, (page, result["equations"], expected)
     assert result["errors"] == 0
     assert result["leftover"] == [], f"TeX left untypeset in {page}: {result['leftover']}"
+    assert result["wide"] == [], f"displayed equations wider than the text at 1400 pixels: {result['wide']}"
     if expected == 0:  # a chapter of tables and prose: no maths, no KaTeX fonts to load
         return
     assert result["failed"] == [], f"fonts that did not load: {result['failed']}"
