@@ -21,7 +21,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import ddpm
 import images
-import plumbing
+import checks
+import launch
 
 
 def sync(device):
@@ -86,11 +87,11 @@ def peak(device, dtype, quick):
 
 def row(spec):
     """Measure one configuration; spec is a dict of bench flags. Runs in its own process."""
-    device = plumbing.pick_device(spec["device"])
+    device = launch.pick_device(spec["device"])
     overrides = {k: spec[k] for k in ("batch_size", "image_size", "micro_batch") if spec.get(k)}
     cfg = ddpm.make_config(spec["preset"], device=device.type, precision=spec["precision"], compile=spec["compile"], **overrides)
-    bf16 = plumbing.use_bf16(cfg.precision, device)  # as ddpm.train() picks them
-    micro_batch = cfg.micro_batch or plumbing.default_micro_batch(cfg, device, bf16)
+    bf16 = launch.use_bf16(cfg.precision, device)  # as ddpm.train() picks them
+    micro_batch = cfg.micro_batch or launch.default_micro_batch(cfg, device, bf16)
     s = ddpm.setup(cfg, device, bf16=bf16, micro_batch=micro_batch)  # the memory layout too (channels_last for fp32)
     channels_last = s.model.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     B, size = cfg.batch_size, cfg.image_size
@@ -122,7 +123,7 @@ def row(spec):
     med, ms = statistics.median(train), statistics.median(sample)
     mem = torch.cuda.max_memory_allocated() if device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     other = max(w for w in (watch.other, watch2.other) if w is not None) if watch.other is not None else None
-    return dict(preset=cfg.preset, device=str(device), precision="bf16" if plumbing.use_bf16(cfg.precision, device) else "fp32",
+    return dict(preset=cfg.preset, device=str(device), precision="bf16" if launch.use_bf16(cfg.precision, device) else "fp32",
                 compile=cfg.compile, channels_last=channels_last, batch=B, micro_batch=min(s.micro_batch or B, B), image_size=size,
                 params_M=round(sum(p.numel() for p in s.model.parameters()) / 1e6, 2),
                 fwd_GFLOP_per_img=round(fwd_flops / 1e9, 3),
@@ -153,11 +154,11 @@ def main():
         print(json.dumps(row(json.loads(args.row))))
         return
     try:
-        device = plumbing.pick_device(args.device)
-    except plumbing.UserError as e:
+        device = launch.pick_device(args.device)
+    except checks.UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    precisions = args.precision or (["fp32", "bf16"] if plumbing.use_bf16("auto", device) else ["fp32"])
+    precisions = args.precision or (["fp32", "bf16"] if launch.use_bf16("auto", device) else ["fp32"])
     with CpuWatch() as watch:
         peaks = {prec: peak(device, torch.bfloat16 if prec == "bf16" else torch.float32, args.quick) for prec in precisions}
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()

@@ -9,8 +9,9 @@ Read it top to bottom beside the paper and docs/walkthrough.md. First the paper,
 schedule, the forward process and its posterior, the U-Net, Algorithm 1 (the loss and one training step), the
 training loop, Algorithm 2. Then what came after the paper (cosine schedule, respacing, DDIM, guidance), and
 last the config and the `train` and `sample` commands. What does not touch the math lives beside this file:
-images.py (toy cars, image folders, classes) and plumbing.py (checkpoint files, the run folder, the loss
-log, flag checks); solvers.py holds DPM-Solver++ with and without noise, faster solvers in this file's style.
+images.py (toy cars, image folders, classes), files.py (checkpoints, pictures, the loss log, the
+lock), checks.py (what each flag may be, memory), launch.py (device, ranks, Ctrl-C, the command line);
+solvers.py holds DPM-Solver++ with and without noise, faster solvers in this file's style.
 
 Code name      paper                       Code name    paper
 -----------    -------------------------   ---------    ------------------------------------
@@ -39,8 +40,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
+import checks
+import files
 import images
-import plumbing
+import launch
 import solvers
 
 
@@ -316,7 +319,7 @@ def setup(cfg, device, rank=0, world=1, classes=(), bf16=False, micro_batch=0):
     """Everything a training step needs: the U-Net, its EMA copy, Adam, the schedule, the random generators.
     rank, world: this process's place among torchrun's ranks (0 of 1 without it); classes: their names.
     bf16: the network runs under bf16 autocast; micro_batch: images per forward and backward pass (0: all).
-    train() asks plumbing.py for both (bf16 where the device runs it natively; on a CPU, chunks in cache)."""
+    train() asks launch.py for both (bf16 where the device runs it natively; on a CPU, chunks in cache)."""
     torch.manual_seed(cfg.seed)  # the initial weights, and dropout's masks
     s = SimpleNamespace(cfg=cfg, device=device, rank=rank, world=world, classes=list(classes),
                         sched=Schedule.from_config(cfg).to(device), micro_batch=micro_batch)
@@ -383,22 +386,23 @@ def train_step(s, x0, step, y=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# The training loop: Algorithm 1 over and over. What is not DDPM is one call each into plumbing.py.
+# The training loop: Algorithm 1 over and over. What is not DDPM is one call each into files.py
+# and launch.py.
 
 def train(cfg, resume=False):
     """Draw a batch, take a step, log; now and then a preview grid and a checkpoint. Under torchrun each
     process is one rank that takes its share of every batch, and DDP averages the gradients."""
     # The device, rank and world size (and the process group) under torchrun, and the run folder, locked;
     # UNet is built without memory first, to check that the run fits.
-    run = plumbing.start_run(cfg, resume, UNet)
+    run = launch.start_run(cfg, resume, UNet)
     data, labels, classes = images.load(cfg, labels=True) if cfg.cond else (images.load(cfg), None, ())
     data, labels = data.to(run.device), labels if labels is None else labels.to(run.device)  # uint8 images
-    bf16 = plumbing.use_bf16(cfg.precision, run.device)  # on CUDA, and on CPUs with bf16 units
+    bf16 = launch.use_bf16(cfg.precision, run.device)  # on CUDA, and on CPUs with bf16 units
     s = setup(cfg, run.device, run.rank, run.world, classes, bf16,
-              cfg.micro_batch or plumbing.default_micro_batch(cfg, run.device, bf16))
-    step = plumbing.restore(s, run.ckpt_path) if resume else 0
-    log = plumbing.LossLog(run, step, cfg)  # progress bar and log.csv
-    stop = plumbing.stop_on_ctrl_c(run.master)  # Ctrl-C ends the loop between two steps
+              cfg.micro_batch or launch.default_micro_batch(cfg, run.device, bf16))
+    step = files.restore(s, run.ckpt_path) if resume else 0
+    log = files.LossLog(run, step, cfg)  # progress bar and log.csv
+    stop = launch.stop_on_ctrl_c(run.master)  # Ctrl-C ends the loop between two steps
     while step < cfg.steps and not stop:
         step += 1
         x0, y = random_batch(data, cfg.batch_size // run.world, s.data_generator, labels, run.rank, run.world)
@@ -407,13 +411,13 @@ def train(cfg, resume=False):
             log.write(step, lr_at(step, cfg))  # stops the run if the loss is not finite, before any save
         with log.paused():  # previews and checkpoints do not count towards images/s
             if run.master and (step % cfg.ckpt_every == 0 or step == cfg.steps):  # the checkpoint first
-                plumbing.save_checkpoint(s, step, run.ckpt_path, cfg.keep_ckpts)
+                files.save_checkpoint(s, step, run.ckpt_path, cfg.keep_ckpts)
             if run.master and (step % cfg.sample_every == 0 or step == cfg.steps):
                 preview(s, os.path.join(run.out_dir, "samples", f"step{step:07d}.png"))
     log.close()
     if stop:
-        plumbing.interrupted(s, step, run)  # saves this step, says how to go on, exits
-    plumbing.end_run(run, s.model)  # under torchrun: check that the ranks agree, close the group
+        launch.interrupted(s, step, run)  # saves this step, says how to go on, exits
+    launch.end_run(run, s.model)  # under torchrun: check that the ranks agree, close the group
     if run.master:
         print(f"done: {step} steps; checkpoint {run.ckpt_path}; previews in {run.out_dir}{os.sep}samples")
     return s.model, s.ema
@@ -631,7 +635,7 @@ PRESETS = {
 
 def make_config(preset="tiny", **overrides):
     if preset not in PRESETS:
-        raise plumbing.UserError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}.")
+        raise checks.UserError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}.")
     return Config(**{**PRESETS[preset], **overrides, "preset": preset})
 
 
@@ -643,48 +647,48 @@ def preview(s, path):
     net = guided(s.ema, torch.arange(64, device=s.device) * len(s.classes) // 64, 1.0) if s.classes else s.ema
     with s.autocast:
         x, _ = ddim_sample(net, s.sched, shape, steps=50, eta=1.0, generator=g, device=s.device)
-    plumbing.save_grid(x, path)
+    files.save_grid(x, path)
 
 
 def load_model(path, weights="ema", device="cpu"):
     """A trained eps_theta from a checkpoint, its EMA weights by default ("model": the raw ones).
     Returns (model in eval mode, its Config, the checkpoint dict)."""
-    ckpt = plumbing.load_checkpoint(path)
-    cfg = plumbing.config_from_checkpoint(Config, ckpt, path)
+    ckpt = files.load_checkpoint(path)
+    cfg = files.config_from_checkpoint(Config, ckpt, path)
     model = UNet(cfg, len(ckpt.get("classes", [])))
-    plumbing.load_weights(model, ckpt[weights], path)
+    files.load_weights(model, ckpt[weights], path)
     return model.to(device).eval(), cfg, ckpt
 
 
 def sample(args):
-    path = args.ckpt or plumbing.latest_checkpoint()
-    device = plumbing.pick_device(args.device)
+    path = args.ckpt or files.latest_checkpoint()
+    device = launch.pick_device(args.device)
     model, cfg, ckpt = load_model(path, "model" if args.raw else "ema", device)
     at_once = args.n * (2 if ckpt.get("classes") else 1)  # guided: both halves in one batch
-    plumbing.check_sample_args(args, cfg, UNet, device, at_once)
+    launch.check_sample_args(args, cfg, UNet, device, at_once)
     out = args.out or os.path.join(os.path.dirname(path), f"sample_{args.sampler}.png")
-    plumbing.writable_dir(os.path.dirname(out) or ".", "--out")
+    files.writable_dir(os.path.dirname(out) or ".", "--out")
     sched, g = Schedule.from_config(cfg).to(device), torch.Generator(device).manual_seed(args.seed)
-    y, what = plumbing.sample_classes(args, ckpt.get("classes", []), device)  # --class, --guidance, checked
+    y, what = launch.sample_classes(args, ckpt.get("classes", []), device)  # --class, --guidance, checked
     net = guided(model, y, args.guidance) if y is not None else model
     how = f"{args.sampler} with {args.steps} steps" + (f", {args.grid} grid" if args.steps < cfg.T else "")
     t0, shape, how = time.time(), (args.n, 3, cfg.image_size, cfg.image_size), how + what
-    bar = plumbing.progress(net, args.steps, how)  # the network, counting its calls on a progress bar
-    with torch.inference_mode(), plumbing.autocast("auto", device), bar as net:
+    bar = launch.progress(net, args.steps, how)  # the network, counting its calls on a progress bar
+    with torch.inference_mode(), launch.autocast("auto", device), bar as net:
         x = draw(net, sched, shape, args.sampler, args.steps, args.eta, args.grid, g, device)
-    plumbing.check_finite(x, "the samples")
-    plumbing.save_grid(x, out)
+    checks.check_finite(x, "the samples")
+    files.save_grid(x, out)
     if args.individual:
-        plumbing.save_images(x, args.individual)
+        files.save_images(x, args.individual)
     weights = f"{'raw' if args.raw else 'EMA'} weights of step {ckpt['step']}"
     print(f"wrote {out}: {args.n} samples, {how}, {weights}, in {time.time() - t0:.1f} s")
 
 
 def main(argv=None):
-    args = plumbing.parse_args(Config, __doc__.split("\n\n")[1], argv)  # --help: the 2nd paragraph above
-    with plumbing.user_errors():  # bad input: a one-paragraph message and exit code 2, no traceback
+    args = launch.parse_args(Config, __doc__.split("\n\n")[1], argv)  # --help: the 2nd paragraph above
+    with checks.user_errors():  # bad input: a one-paragraph message and exit code 2, no traceback
         if args.command == "train":
-            train(plumbing.resolve_config(Config, make_config, args.given, args.resume), args.resume)
+            train(launch.resolve_config(Config, make_config, args.given, args.resume), args.resume)
         else:
             sample(args)
 

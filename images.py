@@ -9,7 +9,8 @@ import csv, hashlib, os, random, re, sys
 import torch
 from PIL import Image, ImageDraw
 
-from plumbing import UserError, WriteError, atomic_save
+from checks import UserError
+from files import WriteError, atomic_save
 
 
 def draw_toycar(rng, size):

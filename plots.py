@@ -28,7 +28,9 @@ from PIL import Image
 
 import ddpm
 import images
-import plumbing
+import checks
+import files
+import launch
 
 
 def schedule_plot(T, path):
@@ -284,11 +286,11 @@ def guidance_plot(ckpt_path, path, weights=(0, 1, 3, 7), seed=0):
     model, cfg, ckpt = ddpm.load_model(ckpt_path)
     classes = ckpt.get("classes", [])
     if not classes:
-        raise plumbing.UserError(f"--cond-ckpt {ckpt_path} has no classes: train one with --cond.")
+        raise checks.UserError(f"--cond-ckpt {ckpt_path} has no classes: train one with --cond.")
     y = torch.arange(min(len(classes), 12))
     sched, rows = ddpm.Schedule.from_config(cfg), []
     for w in weights:
-        with torch.inference_mode(), plumbing.autocast("auto", torch.device("cpu")):
+        with torch.inference_mode(), launch.autocast("auto", torch.device("cpu")):
             rows.append(ddpm.draw(ddpm.guided(model, y, float(w)), sched, (len(y), 3, cfg.image_size, cfg.image_size),
                                   "ddim", 50, 1.0, None, torch.Generator().manual_seed(seed)))
     grid_plot(rows, [f"w = {w}" for w in weights], path,
@@ -302,7 +304,7 @@ def visualize(ckpt_path, out_dir, seed=0, n=36):
     _, cfg, ckpt = models["ema"]
     run_dir, step = os.path.dirname(ckpt_path), ckpt["step"]
     what = f"{cfg.data}, {cfg.image_size}x{cfg.image_size}, preset {cfg.preset}, step {step}"
-    plumbing.writable_dir(out_dir, "--out")
+    files.writable_dir(out_dir, "--out")
     out = lambda name: os.path.join(out_dir, name)
     schedule_plot(cfg.T, out("schedule.png"))
     for preset in ("tiny", "paper32"):
@@ -314,7 +316,7 @@ def visualize(ckpt_path, out_dir, seed=0, n=36):
     if os.path.exists(os.path.join(run_dir, "log.csv")):
         loss_plot(os.path.join(run_dir, "log.csv"), out("loss.png"), f"training loss: {what}")
     models = {key: model for key, (model, _, _) in models.items()}
-    autocast = plumbing.autocast("auto", torch.device("cpu"))
+    autocast = launch.autocast("auto", torch.device("cpu"))
     with torch.inference_mode(), autocast:
         # The reverse process, x_T -> x_0, kept every T/50 steps for the GIF and at 8 steps for the strip.
         keep = sorted(set(range(0, cfg.T + 1, max(1, cfg.T // 40))) | {cfg.T})
@@ -338,7 +340,7 @@ def visualize(ckpt_path, out_dir, seed=0, n=36):
     fig.tight_layout()
     fig.savefig(out("ema_vs_raw.png"), dpi=110)
     plt.close(fig)
-    plumbing.save_grid(grids["ema"], out("samples.png"), nrow=6)
+    files.save_grid(grids["ema"], out("samples.png"), nrow=6)
     print(f"wrote schedule.png, unet_tiny.png, unet_paper32.png, perfect_denoiser.png, forward.png, reverse.png, reverse.gif, loss.png, ema_vs_raw.png and "
           f"samples.png to {out_dir} ({what})")
 
@@ -357,12 +359,12 @@ def main(argv=None):
     p.add_argument("--sweep", default=os.path.join("results", "sweep"), help="folder of python sweep.py's results")
     p.add_argument("--cond-ckpt", default=os.path.join("runs", "tiny-cond", "ckpt.pt"), help="a class-conditional checkpoint")
     args = p.parse_args(argv)
-    with plumbing.user_errors():
+    with checks.user_errors():
         only = args.only.split(",") if args.only else [k for k in PICTURES if k != "guidance" or os.path.exists(args.cond_ckpt)]
         if set(only) - set(PICTURES):
-            raise plumbing.UserError(f"--only {args.only}: the pictures are {', '.join(PICTURES)}.")
-        plumbing.writable_dir(args.out, "--out")
-        ckpt = args.ckpt or plumbing.latest_checkpoint() if {"run", "samplers"} & set(only) else None
+            raise checks.UserError(f"--only {args.only}: the pictures are {', '.join(PICTURES)}.")
+        files.writable_dir(args.out, "--out")
+        ckpt = args.ckpt or files.latest_checkpoint() if {"run", "samplers"} & set(only) else None
         if "run" in only:
             visualize(ckpt, args.out, args.seed)
         if "samplers" in only:
@@ -380,7 +382,7 @@ def main(argv=None):
                            f"N = {r['n']} samples against {r['n_ref']} training images")
                 print(f"wrote fid_vs_calls.png to {args.out} (from {len(results)} results in {args.sweep})")
             elif args.only:
-                raise plumbing.UserError(f"--sweep {args.sweep} holds no results of python sweep.py yet.")
+                raise checks.UserError(f"--sweep {args.sweep} holds no results of python sweep.py yet.")
         if "guidance" in only:
             guidance_plot(args.cond_ckpt, os.path.join(args.out, "guidance.png"), seed=args.seed)
             print(f"wrote guidance.png to {args.out} (from {args.cond_ckpt})")

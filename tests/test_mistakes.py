@@ -12,7 +12,6 @@ from PIL import Image
 import ddpm
 import evaluate
 import mistakes
-import plumbing
 from helpers import small_cfg
 from perfect_denoiser import MixtureDenoiser, exact_moments, linear_alpha_bar
 

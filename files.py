@@ -1,0 +1,327 @@
+"""Every file the project writes and reads back: checkpoints, pictures and grids, result files, caches, the
+loss log and the run folder's lock.
+
+Writing: whole, to a temporary name in the same folder, then renamed, so that a crash, kill -9 or full disk
+leaves the old file or the new one, never half of one; a failed write stops with a message and the old file
+untouched. The lock is the one exception: it stays the same file, opened without following symlinks.
+Reading: every file is checked for what the project wrote there (type, shape, dtype, finite numbers); what
+can be recomputed is recomputed with a note, what cannot is refused, naming the file and what remakes it.
+"""
+
+import csv, glob, json, math, os, pickle, re, socket, stat, sys, time
+from contextlib import contextmanager
+from dataclasses import asdict, fields
+
+try:
+    import fcntl  # the run folder's lock; POSIX only (on Windows runs go unlocked)
+except ImportError:
+    fcntl = None
+import torch
+from PIL import Image
+
+from checks import UserError, check_config, first_line, summary
+
+
+class WriteError(UserError):
+    """A file could not be written (disk full, no permission, ...); what was there before is untouched."""
+
+
+@contextmanager
+def atomic(path):
+    """Yields a temporary name beside path; after the body wrote it, renames it to path. A crash, Ctrl-C or
+    failed write never leaves a half-written file at path: the old one, if any, stays whole."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
+        raise WriteError(f"could not write {path} ({first_line(e)}). Whatever was there before is untouched. "
+                         f"Free some disk space, fix the folder's permissions, or choose another folder.") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_save(obj, path):
+    """torch.save, atomically (see atomic)."""
+    with atomic(path) as tmp:
+        torch.save(obj, tmp)
+
+
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
+
+
+def save_grid(x, path, nrow=None):
+    """x: (B, 3, H, W) in [-1, 1] -> one grid image, PNG or JPEG by path's suffix, written atomically (its
+    folder is made if need be)."""
+    from torchvision.utils import make_grid
+    # [grid] [-1, 1] to [0, 1], the range make_grid and the PNG expect
+    grid = make_grid((x.float().clamp(-1, 1) + 1) / 2, nrow=nrow or math.ceil(math.sqrt(len(x))), padding=1)
+
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with atomic(path) as tmp:
+        Image.fromarray(grid.mul(255).round().byte().permute(1, 2, 0).cpu().numpy()).save(
+            tmp, format=IMAGE_FORMATS[os.path.splitext(path)[1].lower()], quality=95)
+
+
+def save_images(x, folder):
+    """Each image of x: (B, 3, H, W) in [-1, 1] as folder/00000.png, folder/00001.png, ..."""
+    writable_dir(folder, "--individual")
+    for i, img in enumerate(x):
+        save_grid(img[None], os.path.join(folder, f"{i:05d}.png"), nrow=1)
+
+
+def writable_dir(path, flag):
+    """Make the folder path if need be and check that files can be written there; flag names the option
+    that chose it, for the message."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write-test-{os.getpid()}")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"cannot write to the folder {path} ({e.strerror or first_line(e)}). Choose a writable "
+                        f"one with {flag}, or fix its permissions.") from None
+    return path
+
+
+def load_checkpoint(path, flag="--ckpt"):
+    """A checkpoint dict, loaded with weights_only=True so that a stranger's file cannot run code, and
+    checked to hold what ddpm.py writes. flag: the option that names the file, for the messages."""
+    if not os.path.isfile(path):
+        raise UserError(f"no checkpoint at {path}. Train one first (python ddpm.py train), or name one with {flag}.")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # torch's safe loader met something it will not build
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = (f"it holds pickled Python objects besides tensors and plain values ({found.group(1)})" if found else
+                f"it is either not a file written by torch.save ({os.path.getsize(path)} bytes) or holds pickled "
+                f"Python objects besides tensors and plain values")
+        raise UserError(f"refused to load {path}: {what}, and loading those could run code on this machine. Only "
+                        f"load checkpoints written by ddpm.py.") from None
+    except Exception:  # empty, truncated, random bytes, not a torch file at all, ...
+        raise UserError(f"could not read {path} as a checkpoint: it is not a complete file written by torch.save "
+                        f"({os.path.getsize(path)} bytes; empty, truncated, or another kind of file). Use another "
+                        f"checkpoint, or retrain.") from None
+    tensors = lambda v: isinstance(v, dict) and all(isinstance(k, str) and torch.is_tensor(x) for k, x in v.items())
+    if not (isinstance(ckpt, dict) and tensors(ckpt.get("model")) and tensors(ckpt.get("ema"))
+            and isinstance(ckpt.get("config"), dict) and type(ckpt.get("step")) is int and ckpt["step"] >= 0
+            and isinstance(ckpt.get("classes", []), list) and all(type(c) is str for c in ckpt.get("classes", []))):
+        raise UserError(f"{path} is a torch file but not a ddpm.py checkpoint: it lacks the model and ema weights "
+                        f"(name -> tensor), the config (a dict) or the step (a whole number), or its class names are not a list of text.")
+    return ckpt
+
+
+def config_from_checkpoint(Config, ckpt, path, **overrides):
+    """The Config a checkpoint was trained with (fields it does not know keep their defaults), checked as
+    the command line's is; overrides are flags given now."""
+    known = {f.name: f.default for f in fields(Config)}
+    saved = {k: tuple(v) if isinstance(known[k], tuple) and isinstance(v, (list, tuple)) else v
+             for k, v in ckpt["config"].items() if k in known}
+    check_config(Config(**saved), f"the config saved in {path}")
+    return Config(**{**saved, **overrides})
+
+
+def load_weights(module, state, path):
+    """Load a state dict, refusing weights that do not fit the network or are not finite numbers."""
+    if any(v.is_floating_point() and not torch.isfinite(v).all() for v in state.values()):
+        raise UserError(f"the weights in {path} hold NaN or infinite values: the run that wrote it diverged. Use "
+                        f"an earlier checkpoint (train keeps one per --ckpt-every with --keep-ckpts), or retrain.")
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as e:
+        raise UserError(f"the weights in {path} do not fit the network its config describes; the checkpoint "
+                        f"comes from another config or another version ({str(e).splitlines()[1].strip()}).") from None
+
+
+def save_checkpoint(s, step, path, keep_copy=False):
+    """Everything that resuming needs to continue exactly: weights, EMA, Adam, step, config, random states.
+    s is ddpm.setup()'s namespace. keep_copy also keeps this one as ckpt_step<step>.pt beside it. Weights
+    that are no longer finite stop the run instead, and the last good checkpoint stays."""
+    for name, module in (("weights", s.model), ("EMA weights", s.ema)):
+        if not all(torch.isfinite(p).all() for p in module.parameters()):
+            raise UserError(f"the {name} became NaN or infinite by step {step}, so they were not saved; the last "
+                            f"good checkpoint, if any, is still {path}. Try a lower --lr (now {s.cfg.lr:g})"
+                            + (" or clipping with --grad-clip 1." if not s.cfg.grad_clip else "."))
+    rng = {"torch": torch.get_rng_state(), "data": s.data_generator.get_state(),
+           "noise": s.noise_generator.get_state()}
+    if s.device.type == "cuda":  # dropout's masks on a GPU come from the GPU's own generator
+        rng["cuda"] = torch.cuda.get_rng_state(s.device)
+    state = {"model": s.model.state_dict(), "ema": s.ema.state_dict(), "opt": s.optimizer.state_dict(),
+             "step": step, "config": asdict(s.cfg), "rng": rng}
+    if s.classes:  # a class-conditional model: its class names, in the order of its label embedding
+        state["classes"] = list(s.classes)
+    atomic_save(state, path)
+    if keep_copy:
+        atomic_save(state, os.path.join(os.path.dirname(path), f"ckpt_step{step}.pt"))
+
+
+def restore(s, path):
+    """Load the checkpoint at path into ddpm.setup()'s namespace s, random states included; returns its step."""
+    ckpt = load_checkpoint(path, "--out-dir")
+    rng = ckpt.get("rng")
+    if not isinstance(ckpt.get("opt"), dict) or not isinstance(rng, dict) \
+            or not all(torch.is_tensor(rng.get(k)) for k in ("torch", "data", "noise")):
+        raise UserError(f"{path} cannot be resumed: it lacks Adam's state or the random states (opt and rng). It can "
+                        f"still sample (python ddpm.py sample --ckpt {path}); to train on, start a new run.")
+    if ckpt.get("classes", []) != s.classes:
+        raise UserError(f"{path} was trained on the classes {summary(ckpt.get('classes', []))}, but the data now has "
+                        f"{summary(s.classes)}: resuming would mix up the labels. Train on the same data, or start a new run.")
+    load_weights(s.model, ckpt["model"], path)
+    load_weights(s.ema, ckpt["ema"], path)
+    check_adam_state(ckpt["opt"], s.model, path)
+    try:
+        s.optimizer.load_state_dict(ckpt["opt"])
+        torch.set_rng_state(rng["torch"])
+        s.data_generator.set_state(rng["data"])
+        s.noise_generator.set_state(rng["noise"])
+        if s.device.type == "cuda" and "cuda" in rng:
+            torch.cuda.set_rng_state(rng["cuda"], s.device)
+    except (ValueError, RuntimeError, KeyError, TypeError) as e:
+        raise UserError(f"{path} cannot be resumed: its Adam or random state does not fit this run "
+                        f"({first_line(e)}).") from None
+    return ckpt["step"]
+
+
+def check_adam_state(opt, model, path):
+    """Adam's moments must fit the parameters and be finite numbers before the first step: fused Adam does not
+    check shapes, and a mismatch crashed the process (a segmentation fault) instead of saying why."""
+    state, params = opt.get("state"), list(model.parameters())
+    ok = isinstance(state, dict) and all(isinstance(v, dict) for v in state.values())
+    for i, moments in (state.items() if ok else []):
+        p = params[i] if isinstance(i, int) and 0 <= i < len(params) else None
+        for key in ("exp_avg", "exp_avg_sq"):
+            m = moments.get(key)
+            ok = ok and p is not None and torch.is_tensor(m) and m.shape == p.shape and m.is_floating_point() \
+                and bool(torch.isfinite(m).all())
+    if not ok:
+        raise UserError(f"{path} cannot be resumed: its Adam state does not fit the network's parameters (shapes, "
+                        f"dtypes), or holds NaN or infinite moments. It can still sample (python ddpm.py sample "
+                        f"--ckpt {path}); to train on, start a new run with another --out-dir.")
+
+
+def latest_checkpoint():
+    found = [os.path.join("runs", d, "ckpt.pt") for d in (os.listdir("runs") if os.path.isdir("runs") else [])]
+    found = [p for p in found if os.path.isfile(p)]
+    if not found:
+        raise UserError("no checkpoint found under runs/. Train one first (python ddpm.py train), or pass "
+                        "--ckpt path/to/ckpt.pt.")
+    return max(found, key=os.path.getmtime)
+
+
+def lock_run_folder(out_dir):
+    """Take the run folder for this process: an exclusive flock on out_dir/.lock, which the kernel releases
+    when the process ends, even by kill -9 (a PID file alone is fooled by PID reuse). The holder writes its
+    PID and host into the file for the message another run gets. Then leftovers of dead runs go: temporary
+    checkpoint files (only the lock's holder writes them) and temporary pictures of processes gone."""
+    if fcntl is None:
+        return None
+    path = os.path.join(out_dir, ".lock")
+    try:  # never through a symlink, and only a regular file: the lock is our own bookkeeping
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise OSError("not a regular file")
+    except OSError as e:
+        raise UserError(f"cannot use {path} as the run folder's lock ({e.strerror or first_line(e)}; a symlink, a "
+                        f"folder or an unreadable file). Remove it, or pass another --out-dir.") from None
+    f = os.fdopen(fd, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        raise UserError(f"{out_dir} is in use by another run ({holder}). Wait for it to finish or stop it, or "
+                        f"pass another --out-dir. One run per folder keeps checkpoints and log.csv whole.") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"PID {os.getpid()} on host {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    f.flush()
+    folder = glob.escape(out_dir)
+    for tmp in glob.glob(os.path.join(folder, "*.tmp*")) + glob.glob(os.path.join(folder, "samples", "*.tmp*")):
+        pid = tmp.rsplit(".tmp", 1)[1]
+        if ".pt.tmp" in tmp or (pid.isdigit() and not pid_alive(int(pid))):
+            os.remove(tmp)
+    return f  # kept open for as long as the run lasts
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # alive, but someone else's
+        return True
+    return True
+
+
+class LossLog:
+    """The progress bar and log.csv (step, loss, lr, images/s, seconds since start) of rank 0. add() takes
+    each step's loss as a tensor; write() reads their mean, one host sync per log row, and stops the run
+    if it is not finite. A resumed run keeps the rows up to its step and drops the rest."""
+
+    def __init__(self, run, step, cfg):
+        from tqdm import tqdm
+        self.cfg, self.out_dir, self.f = cfg, run.out_dir, None
+        self.bar = tqdm(total=cfg.steps, initial=step, disable=not run.master, unit="step", dynamic_ncols=True)
+        self.loss_sum, self.n, self.tic = torch.zeros((), device=run.device), 0, time.time()
+        if not run.master:
+            return
+        path, rows, fields = os.path.join(run.out_dir, "log.csv"), [], ["step", "loss", "lr", "img_per_s", "seconds"]
+        if step > 0 and os.path.isfile(path):  # keep the rows up to the checkpoint's step
+            try:
+                with open(path, newline="") as f:
+                    rows = [r for r in csv.DictReader(f) if r.get("step", "").isdigit() and int(r["step"]) <= step]
+            except (OSError, UnicodeDecodeError, csv.Error):  # unreadable: start the log afresh
+                rows = []
+        # Written whole under a temporary name and renamed, then appended to: a kill at any moment leaves
+        # either the old log or the new one with the kept rows, never an empty file.
+        with atomic(path) as tmp, open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fields)
+            w.writeheader()
+            w.writerows({k: r.get(k) for k in fields} for r in rows)
+        try:
+            self.f = open(path, "a", newline="")
+        except OSError as e:
+            raise WriteError(f"could not open {path} to append the loss ({first_line(e)}). Free some disk space, "
+                             f"fix the folder's permissions, or choose another --out-dir.") from None
+        self.w = csv.DictWriter(self.f, fields)
+        try:
+            self.t0 = time.time() - float(rows[-1]["seconds"])
+        except (IndexError, KeyError, TypeError, ValueError):  # a new log, or a damaged last row
+            self.t0 = time.time()
+
+    def add(self, loss):
+        self.loss_sum += loss
+        self.n += 1
+        self.bar.update(1)
+
+    def write(self, step, lr):
+        if torch.distributed.is_initialized():  # the whole batch's loss, not rank 0's share
+            torch.distributed.all_reduce(self.loss_sum)
+            self.loss_sum /= torch.distributed.get_world_size()
+        mean_loss = self.loss_sum.item() / self.n  # the one host sync, every log_every steps
+        if not math.isfinite(mean_loss):
+            raise UserError(f"the loss became {mean_loss} by step {step}; training stopped. The last good "
+                            f"checkpoint, if any, is still in {self.out_dir}. Try a lower --lr (now {self.cfg.lr:g})"
+                            + (" or clipping with --grad-clip 1." if not self.cfg.grad_clip else "."))
+        speed = self.n * self.cfg.batch_size / (time.time() - self.tic)
+        self.bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{speed:.0f}")
+        if self.f:
+            self.w.writerow(dict(step=step, loss=f"{mean_loss:.5f}", lr=f"{lr:.3g}", img_per_s=f"{speed:.1f}",
+                                 seconds=f"{time.time() - self.t0:.1f}"))
+            self.f.flush()
+        self.loss_sum, self.n, self.tic = torch.zeros_like(self.loss_sum), 0, time.time()
+
+    @contextmanager
+    def paused(self):
+        """Time spent inside does not count towards images/s (previews, checkpoints)."""
+        paused = time.time()
+        yield
+        self.tic += time.time() - paused
+
+    def close(self):
+        self.bar.close()
+        if self.f:
+            self.f.close()
+
