@@ -153,11 +153,20 @@ def main():
     if args.row:
         print(json.dumps(row(json.loads(args.row))))
         return
-    try:
-        device = launch.pick_device(args.device)
-    except checks.UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    with checks.user_errors("Nothing was written: bench.py only prints its rows."):
+        bench(args)
+
+
+def bench(args):
+    device = launch.pick_device(args.device)
+    for preset in args.preset:  # every row's settings, checked before any is measured, as ddpm.py train checks them
+        for micro in args.micro_batch:
+            overrides = dict(batch_size=args.batch_size, image_size=args.image_size, micro_batch=micro)
+            cfg = ddpm.make_config(preset, device=device.type, **{k: v for k, v in overrides.items() if v is not None})
+            checks.check_config(cfg)
+            chunk = micro or launch.default_micro_batch(cfg, device, launch.use_bf16(cfg.precision, device))
+            checks.check_memory(cfg, ddpm.UNet, device, chunk=chunk, flags="a smaller --batch-size, --micro-batch or "
+                                "--image-size, or another --preset")
     precisions = args.precision or (["fp32", "bf16"] if launch.use_bf16("auto", device) else ["fp32"])
     with CpuWatch() as watch:
         peaks = {prec: peak(device, torch.bfloat16 if prec == "bf16" else torch.float32, args.quick) for prec in precisions}

@@ -21,16 +21,17 @@ class UserError(Exception):
 
 
 @contextmanager
-def user_errors():
-    """Around a command: bad input prints its one-paragraph message and exits 2, Ctrl-C exits 130."""
+def user_errors(kept="Every file is written whole, so any that exists is intact."):
+    """Around a command: bad input prints its one-paragraph message and exits 2, Ctrl-C exits 130 and says
+    what the command keeps (kept)."""
     signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C raises KeyboardInterrupt again
     try:
         yield
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:  # before training started, or a second Ctrl-C (the loop saves at the first)
-        print("\ninterrupted. A checkpoint is only ever written whole, so any that exists is intact.", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted. {kept}", file=sys.stderr)
         sys.exit(130)
 
 
@@ -47,12 +48,33 @@ def summary(classes, most=8):
     return f"{len(classes)} ({', '.join(classes[:most])}{', ...' if len(classes) > most else ''})"
 
 
-def check_finite(x, what):
-    """Stop with a message, rather than save black images, when a sampler produced NaN or infinite values."""
+def check_finite(x, what, suspects="the sampler's settings (--sampler, --steps, --eta)"):
+    """Stop with a message, rather than save black images, when a sampler produced NaN or infinite values.
+    suspects: the settings of this command that could have caused it."""
     if not torch.isfinite(x).all():
-        raise UserError(f"{what} came out NaN or infinite; nothing was written. The checkpoint's weights are finite "
-                        f"(they are checked when loaded), so look at the sampler's settings (--eta, --steps) and at "
-                        f"the schedule it was trained with (--beta-1, --beta-T).")
+        raise UserError(f"{what} came out NaN or infinite; nothing was written. The weights are finite (they are "
+                        f"checked when loaded), so look at {suspects}.")
+
+
+def check_range(flag, value, lo, hi, what=""):
+    """A flag's number within [lo, hi] (nan fails too), or a message that names the flag."""
+    if not (isinstance(value, (int, float)) and lo <= value <= hi):
+        shown = f"{hi:,}" if isinstance(hi, int) else f"{hi:g}"
+        raise UserError(f"{flag} {value}: must be {what or 'a number'} from {lo:g} to {shown}.")
+    return value
+
+
+def numbers(text, flag, kind=int, lo=0, hi=None, hi_is=""):
+    """A flag of comma-separated numbers, such as --calls 5,10,20, each within [lo, hi]; hi_is says what hi is."""
+    try:
+        values = [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or not all(lo <= v <= (MAX_INT if hi is None else hi) for v in values):
+        raise UserError(f"{flag} {text}: give {'whole ' if kind is int else ''}numbers from {lo:g} to "
+                        f"{MAX_INT if hi is None else hi:g}{hi_is}, separated by commas, such as {flag} "
+                        f"{','.join(str(kind(v)) for v in (max(lo, 1), max(lo, 1) * 2))}.")
+    return values
 
 
 MAX_INT = 2 ** 31 - 1  # far beyond any sensible value; keeps every count within torch's and the OS's integers
@@ -112,6 +134,10 @@ def check_config(cfg, source=""):
     if cfg.schedule == "linear" and 1 - cfg.beta_1 == 1:  # the schedule is float64 (float32 on MPS)
         refuse("beta_1", "is so small that 1 - beta rounds to 1 in the schedule's float64: the first step would "
                          "add no noise at all and its samples come out NaN (the paper: 1e-4)")
+    if cfg.labels and not cfg.cond:
+        refuse("labels", "gives classes, which only a class-conditional run uses: add --cond, or drop --labels")
+    if cfg.labels and cfg.data == "toycars":
+        refuse("labels", "is for a folder of images; the toy cars' classes are their colours. Drop --labels")
     levels = len(cfg.ch_mult)
     if cfg.image_size % 2 ** (levels - 1):
         refuse("image_size", f"cannot go through {levels} levels of the U-Net: it must be divisible by 2 ** {levels - 1} = "
@@ -122,6 +148,15 @@ def check_config(cfg, source=""):
     if not set(cfg.attn_res) <= set(reached):
         refuse("attn_res", f"names resolutions the U-Net never reaches at --image-size {cfg.image_size} with "
                            f"{levels} levels; it reaches {', '.join(map(str, reached))}")
+
+
+def check_schedule_on(cfg, device):
+    """The schedule is float32 on MPS (it has no float64): there a smaller beta_1 than on other devices rounds
+    1 - beta to 1, which check_config (float64) cannot see."""
+    if device.type == "mps" and cfg.schedule == "linear" and 1 - torch.tensor(cfg.beta_1, dtype=torch.float32) == 1:
+        raise UserError(f"--beta-1 {cfg.beta_1}: on MPS the schedule is float32, where 1 - beta rounds to 1 for so "
+                        f"small a beta: the first step would add no noise and the samples come out NaN. Use a larger "
+                        f"--beta-1 (the paper: 1e-4), or --device cpu.")
 
 
 def available_memory(device):
@@ -135,16 +170,22 @@ def available_memory(device):
         return None
 
 
-def check_memory(cfg, UNet, device, world=1, images=None, training=True, chunk=0):
+def check_memory(cfg, UNet, device, world=1, images=None, training=True, chunk=0, flags=None, extra=None):
     """Refuse a run that cannot fit, before allocating: an allocation the machine over-commits ends in a
     kill that no handler can catch. The U-Net is built on the meta device (shapes, no memory) and run on
     one image, counting what autograd keeps for the backward pass; parameters count five times (weights,
     EMA, gradient, Adam's two moments). paper32 at batch 128 in one pass: 7.4 GB estimated, 7.6 GB peak
     measured by bench.py. Sampling keeps no activations: at least five image-sized tensors per image.
-    chunk: images per forward and backward pass (0: cfg.micro_batch, or else the whole batch)."""
-    with torch.device("meta"):
-        model = UNet(cfg)
-        x, t = torch.zeros(1, 3, cfg.image_size, cfg.image_size), torch.zeros(1, dtype=torch.long)
+    chunk: images per forward and backward pass (0: cfg.micro_batch, or else the whole batch). extra: more of
+    the command's working set, {what: bytes} (held-out images, features); flags: what to change, in its flags."""
+    flags = flags or ("a smaller --batch-size or --micro-batch, --image-size, --T or network (--ch, --ch-mult)"
+                      if training else "a smaller --n")
+    try:
+        with torch.device("meta"):
+            model = UNet(cfg)
+            x, t = torch.zeros(1, 3, cfg.image_size, cfg.image_size), torch.zeros(1, dtype=torch.long)
+    except (RuntimeError, ValueError, OverflowError):  # sizes beyond what torch can even describe
+        fits({"the network": math.inf}, device, flags)
     params, kept, seen = {id(p) for p in model.parameters()}, [], set()
 
     def count(tensor):  # each tensor autograd keeps, once: a view counts as the tensor it views
@@ -170,11 +211,19 @@ def check_memory(cfg, UNet, device, world=1, images=None, training=True, chunk=0
     else:
         parts = {"weights": 4 * n_params,
                  f"{images} images being sampled": images * 4 * (5 * pixels + cfg.ch * cfg.image_size ** 2)}
+    parts.update(extra or {})
+    fits(parts, device, flags)
+    return parts
+
+
+def fits(parts, device, flags):
+    """Refuse work whose memory, {what: bytes}, exceeds what the device has free, before any of it is allocated:
+    an allocation the machine over-commits ends in a kill that no handler can catch. flags: what to change,
+    in the command's own flags."""
     need, have = sum(parts.values()), available_memory(device)
-    if have is not None and need > have:
+    if not math.isfinite(need) or (have is not None and need > have):
         gb = lambda b: f"{b / 1e9:.3g} GB" if math.isfinite(b) else "more than any machine holds"
         raise UserError(f"this would need at least about {gb(need)} of memory on {device.type} ("
                         + ", ".join(f"{k} {gb(v)}" for k, v in parts.items() if v >= 0.01 * need)
-                        + f"), and {gb(have)} is available. Use a smaller --batch-size or --micro-batch, --image-size, "
-                          f"--n, --T or network (--ch, --ch-mult).")
+                        + f"), and {'an unknown amount' if have is None else gb(have)} is available. Use {flags}.")
 

@@ -647,6 +647,7 @@ def preview(s, path):
     net = guided(s.ema, torch.arange(64, device=s.device) * len(s.classes) // 64, 1.0) if s.classes else s.ema
     with s.autocast:
         x, _ = ddim_sample(net, s.sched, shape, steps=50, eta=1.0, generator=g, device=s.device)
+    checks.check_finite(x, "the preview", "the schedule (--T, --beta-1, --beta-T, --schedule)")
     files.save_grid(x, path)
 
 
@@ -655,6 +656,7 @@ def load_model(path, weights="ema", device="cpu"):
     Returns (model in eval mode, its Config, the checkpoint dict)."""
     ckpt = files.load_checkpoint(path)
     cfg = files.config_from_checkpoint(Config, ckpt, path)
+    files.check_shapes(lambda: UNet(cfg, len(ckpt.get("classes", []))), ckpt[weights], path)  # no memory yet
     model = UNet(cfg, len(ckpt.get("classes", [])))
     files.load_weights(model, ckpt[weights], path)
     return model.to(device).eval(), cfg, ckpt
@@ -676,7 +678,7 @@ def sample(args):
     bar = launch.progress(net, args.steps, how)  # the network, counting its calls on a progress bar
     with torch.inference_mode(), launch.autocast("auto", device), bar as net:
         x = draw(net, sched, shape, args.sampler, args.steps, args.eta, args.grid, g, device)
-    checks.check_finite(x, "the samples")
+    checks.check_finite(x, "the samples", "--sampler, --steps, --eta" + (", --guidance" if what else ""))
     files.save_grid(x, out)
     if args.individual:
         files.save_images(x, args.individual)
@@ -686,7 +688,7 @@ def sample(args):
 
 def main(argv=None):
     args = launch.parse_args(Config, __doc__.split("\n\n")[1], argv)  # --help: the 2nd paragraph above
-    with checks.user_errors():  # bad input: a one-paragraph message and exit code 2, no traceback
+    with checks.user_errors(launch.KEPT[args.command]):  # bad input: one paragraph, exit code 2, no traceback
         if args.command == "train":
             train(launch.resolve_config(Config, make_config, args.given, args.resume), args.resume)
         else:

@@ -83,16 +83,30 @@ def reference_stats(net, cfg, train, n_ref, device="cpu"):
     n_ref = min(len(train), n_ref)
     cache = os.path.join("data", "cache", f"fid-ref-{os.path.basename(os.path.normpath(cfg.data))}-{cfg.image_size}-"
                          f"{cfg.n_toycars if cfg.data == 'toycars' else len(train)}-s{cfg.seed}-{n_ref}.pt")
-    if os.path.exists(cache):
-        return dict(torch.load(cache, weights_only=True), n=n_ref)
+    ref = files.read_cache(cache, check=is_reference)
+    if ref is not None:
+        return dict(ref, n=n_ref)
+    if n_ref < 2:
+        raise checks.UserError(f"--n-ref {n_ref}: FID needs the covariance of at least 2 training images.")
     pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:n_ref]
     ref = dict(zip(("mu", "sigma"), feature_stats(inception_features(net, train[pick], device=device, desc="reference features"))))
+    if not is_reference(ref):  # never cache what a later run would take on trust
+        raise checks.UserError(f"the Inception features of the {n_ref} training images are not finite numbers; "
+                               f"FID cannot be computed. Check the training data (--data).")
     try:
         os.makedirs(os.path.dirname(cache), exist_ok=True)
         files.atomic_save(ref, cache)
     except (OSError, files.WriteError) as e:
         print(f"note: the reference statistics were not cached ({e})")
     return dict(ref, n=n_ref)
+
+
+def is_reference(ref):
+    """What reference_stats caches: the float64 mean (2048,) and covariance (2048, 2048) of the features, finite."""
+    return isinstance(ref, dict) and all(torch.is_tensor(ref.get(k)) and ref[k].dtype == torch.float64
+                                         and ref[k].layout == torch.strided for k in ("mu", "sigma")) \
+        and ref["mu"].shape == (2048,) and ref["sigma"].shape == (2048, 2048) \
+        and bool(torch.isfinite(ref["mu"]).all() and torch.isfinite(ref["sigma"]).all())
 
 
 # ---------------------------------------------------------------- bits per dimension [eq. 5]
@@ -116,7 +130,10 @@ def reverse_var(sched, t):
     paper's code uses beta_tilde_2 instead of beta_1 "to get a better decoder log likelihood"
     (hojonathanho/diffusion, diffusion_tf/diffusion_utils_2.py, p_mean_variance, 'fixedlarge'). It is
     the narrower of the two (5.45e-5 against 1e-4 for the linear schedule): a sharper decoder, which
-    gives the data's own pixel level more of its mass when its mean lies within about sigma of x_0."""
+    gives the data's own pixel level more of its mass when its mean lies within about sigma of x_0. A model of
+    one step (T = 1) has no beta_tilde_2, and keeps beta_1."""
+    if sched.T == 1:
+        return sched.beta[0].expand(len(t), 1, 1, 1)
     beta_tilde_2 = (1 - sched.alpha_bar[0]) / (1 - sched.alpha_bar[1]) * sched.beta[1]  # [eq. 7] at t = 2
     return torch.where(t.view(-1, 1, 1, 1) == 0, beta_tilde_2, ddpm.at(sched.beta, t))
 
@@ -152,7 +169,7 @@ def bits_per_dim(model, sched, images, t_per_image=8, batch=64, generator=None, 
         B, D = len(x0), x0[0].numel()
         L_T, L_0 = bound_terms(model, sched, x0, torch.zeros(B, dtype=torch.long, device=device), generator)
         mid = torch.zeros(B, dtype=torch.float64, device=device)
-        for _ in range(t_per_image):
+        for _ in range(t_per_image if sched.T > 1 else 0):  # T = 1: no middle terms, only L_T and L_0
             t = torch.randint(1, sched.T, (B,), device=device, generator=generator)
             mid += bound_terms(model, sched, x0, t, generator)[1].double() / t_per_image
         mid *= sched.T - 1
@@ -186,7 +203,8 @@ def evaluate(args):
     ckpt_path = args.ckpt or files.latest_checkpoint()
     device = launch.pick_device(args.device)
     model, cfg, ckpt = ddpm.load_model(ckpt_path, "ema", device)
-    launch.check_sample_args(args, cfg, ddpm.UNet, device, at_once=min(args.n, args.batch))
+    launch.check_sample_args(args, cfg, ddpm.UNet, device, at_once=min(args.n, args.batch), extra=working_set(
+        args, cfg), flags="smaller --n, --n-ref, --n-heldout, --bpd-images or --batch")
     sched = ddpm.Schedule.from_config(cfg).to(device)
     train = images.load(cfg)
     if cfg.data == "toycars":  # new cars from another seed: truly held out
@@ -232,10 +250,24 @@ def evaluate(args):
                   heldout=held_label)
     print(report(result))
     out = os.path.join(os.path.dirname(ckpt_path), f"eval_step{ckpt['step']}.json")
-    with files.atomic(out) as tmp, open(tmp, "w") as f:
-        json.dump(result, f, indent=1, allow_nan=False)
+    files.write_json(result, out)
     print(f"wrote {out}")
     return result
+
+
+def fid_memory(n, n_ref, cfg, floats=False):
+    """What FID holds besides the network and the batch being sampled, in bytes: n samples and the training
+    images (uint8; floats=True: also as floats, for the nearest-image search), their Inception features
+    (float64, and their centred copy), and Inception-v3 with its batch of 50 (about 0.5 GB)."""
+    pixels, train = 3 * cfg.image_size ** 2, cfg.n_toycars if cfg.data == "toycars" else n_ref
+    return {f"{n} samples": n * pixels, "training images": train * pixels * (5 if floats else 1),
+            "Inception-v3 and its batch": 5 * 10 ** 8, "features": (n + n_ref) * 2048 * 8 * 2}
+
+
+def working_set(args, cfg):
+    """fid_memory, and the held-out images of the near-copy baseline."""
+    return {**fid_memory(args.n, args.n_ref, cfg, floats=True),
+            f"{args.n_heldout} held-out images": args.n_heldout * 3 * cfg.image_size ** 2}
 
 
 def report(r):
@@ -266,9 +298,11 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
     args = p.parse_args(argv)
-    with checks.user_errors():
-        if min(args.n, args.n_ref, args.batch, args.bpd_images, args.bpd_t, args.n_heldout) < 1:
-            raise checks.UserError("every count given to evaluate.py must be at least 1.")
+    with checks.user_errors("Nothing was written: evaluate.py writes its eval_step<N>.json at the end, and the FID "
+                            "reference cache only whole."):
+        for flag, lo in (("n", 2), ("n_ref", 2), ("batch", 1), ("bpd_images", 1), ("bpd_t", 1), ("n_heldout", 1)):
+            checks.check_range("--" + flag.replace("_", "-"), getattr(args, flag), lo, checks.MAX_INT,
+                               "a count" + (" (FID needs a covariance)" if lo == 2 else ""))
         evaluate(args)
 
 

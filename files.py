@@ -48,6 +48,59 @@ def atomic_save(obj, path):
         torch.save(obj, tmp)
 
 
+def write_json(obj, path):
+    """A result file, atomically (see atomic); numbers that are not finite are refused, as JSON has none."""
+    with atomic(path) as tmp, open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, allow_nan=False)
+
+
+def read_json(path, keys, remake=None):
+    """A result file the project wrote: a JSON object holding keys, each a finite number or text (lists
+    allowed). Damaged (truncated, edited, another file): with remake=None it is measured again, with a
+    note, and None is returned; otherwise refused, naming the file and remake, the command that remakes it."""
+    def plain(v):
+        return isinstance(v, str) or v is None or (isinstance(v, (int, float)) and math.isfinite(v)) \
+            or (isinstance(v, (list, dict)) and all(plain(x) for x in (v.values() if isinstance(v, dict) else v)))
+    try:
+        with open(path) as f:
+            r = json.load(f, parse_constant=lambda c: float("nan"))
+        ok = isinstance(r, dict) and all(k in r for k in keys) and all(plain(v) for v in r.values())
+        why = "" if ok else f"not the result {remake or 'this command'} writes"
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        why = first_line(e)
+    if not why:
+        return r
+    if remake is None:
+        print(f"note: {path} is damaged ({why}); that point is measured again", file=sys.stderr)
+        return None
+    raise UserError(f"{path} is damaged ({why}). Delete it and run {remake} again, which measures only what is "
+                    f"missing.")
+
+
+def save_figure(fig, path, **kw):
+    """A matplotlib figure as a picture, atomically (see atomic): a full disk leaves the old picture whole."""
+    import matplotlib.pyplot as plt
+    with atomic(path) as tmp:
+        fig.savefig(tmp, format=os.path.splitext(path)[1][1:].lower() or "png", **kw)
+    plt.close(fig)
+
+
+def read_cache(path, check):
+    """A cache the project wrote with torch.save, loaded without running code and kept only if check(obj) holds;
+    anything else (missing, damaged, foreign, NaN) gives None, with a note, and the caller recomputes it."""
+    if not os.path.exists(path):
+        return None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        if check(obj):
+            return obj
+        why = "it does not hold what was cached there"
+    except Exception as e:  # empty, truncated, random bytes, pickled objects: a lost shortcut, never an error
+        why = first_line(e).split(". ")[0]
+    print(f"note: the cache {path} is damaged ({why}); it is computed again", file=sys.stderr)
+    return None
+
+
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
 
 
@@ -103,13 +156,36 @@ def load_checkpoint(path, flag="--ckpt"):
         raise UserError(f"could not read {path} as a checkpoint: it is not a complete file written by torch.save "
                         f"({os.path.getsize(path)} bytes; empty, truncated, or another kind of file). Use another "
                         f"checkpoint, or retrain.") from None
-    tensors = lambda v: isinstance(v, dict) and all(isinstance(k, str) and torch.is_tensor(x) for k, x in v.items())
+    tensors = lambda v: isinstance(v, dict) and all(isinstance(k, str) and is_weight(x) for k, x in v.items())
     if not (isinstance(ckpt, dict) and tensors(ckpt.get("model")) and tensors(ckpt.get("ema"))
             and isinstance(ckpt.get("config"), dict) and type(ckpt.get("step")) is int and ckpt["step"] >= 0
             and isinstance(ckpt.get("classes", []), list) and all(type(c) is str for c in ckpt.get("classes", []))):
         raise UserError(f"{path} is a torch file but not a ddpm.py checkpoint: it lacks the model and ema weights "
-                        f"(name -> tensor), the config (a dict) or the step (a whole number), or its class names are not a list of text.")
+                        f"(name -> a dense tensor of floating-point numbers, as ddpm.py writes), the config (a dict) "
+                        f"or the step (a whole number), or its class names are not a list of text.")
     return ckpt
+
+
+def is_weight(x):
+    """What ddpm.py saves as a weight: a dense tensor of real floating-point numbers in memory; not integers,
+    booleans or complex numbers (which the finite checks would not see), not sparse, not meta."""
+    return torch.is_tensor(x) and x.layout == torch.strided and not x.is_meta and x.dtype in (
+        torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def check_shapes(build, state, path):
+    """Compare a checkpoint's weights with the network its config describes, built on the meta device (shapes,
+    no memory): a config whose network does not fit its weights is refused before anything is allocated."""
+    with torch.device("meta"):
+        try:
+            shapes = {k: tuple(v.shape) for k, v in build().state_dict().items()}
+        except (RuntimeError, ValueError, OverflowError) as e:
+            raise UserError(f"the config saved in {path} describes a network that cannot be built ({first_line(e)}).") from None
+    theirs = {k: tuple(v.shape) for k, v in state.items()}
+    if shapes != theirs:
+        wrong = sorted(set(shapes) ^ set(theirs)) or [k for k in shapes if shapes[k] != theirs[k]]
+        raise UserError(f"the weights in {path} do not fit the network its config describes (e.g. {wrong[0]}); the "
+                        f"checkpoint comes from another config or another version, or was altered.")
 
 
 def config_from_checkpoint(Config, ckpt, path, **overrides):
@@ -225,18 +301,20 @@ def lock_run_folder(out_dir):
     except OSError as e:
         raise UserError(f"cannot use {path} as the run folder's lock ({e.strerror or first_line(e)}; a symlink, a "
                         f"folder or an unreadable file). Remove it, or pass another --out-dir.") from None
-    f = os.fdopen(fd, "a+")
     try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
-        f.seek(0)
-        holder = f.read().strip() or "another process"
+        holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
         raise UserError(f"{out_dir} is in use by another run ({holder}). Wait for it to finish or stop it, or "
                         f"pass another --out-dir. One run per folder keeps checkpoints and log.csv whole.") from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"PID {os.getpid()} on host {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-    f.flush()
+    try:  # who holds it, for another run's message; on a full disk the lock holds all the same without it
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"PID {os.getpid()} on host {socket.gethostname()}, since "
+                      f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+    except OSError:
+        pass
+    f = os.fdopen(fd, "rb")  # kept open, and so locked, for as long as the run lasts
     folder = glob.escape(out_dir)
     for tmp in glob.glob(os.path.join(folder, "*.tmp*")) + glob.glob(os.path.join(folder, "samples", "*.tmp*")):
         pid = tmp.rsplit(".tmp", 1)[1]
@@ -267,13 +345,13 @@ class LossLog:
         self.loss_sum, self.n, self.tic = torch.zeros((), device=run.device), 0, time.time()
         if not run.master:
             return
-        path, rows, fields = os.path.join(run.out_dir, "log.csv"), [], ["step", "loss", "lr", "img_per_s", "seconds"]
+        path, rows, fields = os.path.join(run.out_dir, "log.csv"), [], LOG_FIELDS
+        self.path = path
+        if os.path.islink(path) or (os.path.exists(path) and not os.path.isfile(path)):
+            raise UserError(f"{path} is a symlink or a folder, not the run's loss log. Move it away, or pass another "
+                            f"--out-dir.")
         if step > 0 and os.path.isfile(path):  # keep the rows up to the checkpoint's step
-            try:
-                with open(path, newline="") as f:
-                    rows = [r for r in csv.DictReader(f) if r.get("step", "").isdigit() and int(r["step"]) <= step]
-            except (OSError, UnicodeDecodeError, csv.Error):  # unreadable: start the log afresh
-                rows = []
+            rows = [r for r in read_loss_log(path) if int(r["step"]) <= step]
         # Written whole under a temporary name and renamed, then appended to: a kill at any moment leaves
         # either the old log or the new one with the kept rows, never an empty file.
         with atomic(path) as tmp, open(tmp, "w", newline="") as f:
@@ -308,9 +386,19 @@ class LossLog:
         speed = self.n * self.cfg.batch_size / (time.time() - self.tic)
         self.bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{speed:.0f}")
         if self.f:
-            self.w.writerow(dict(step=step, loss=f"{mean_loss:.5f}", lr=f"{lr:.3g}", img_per_s=f"{speed:.1f}",
-                                 seconds=f"{time.time() - self.t0:.1f}"))
-            self.f.flush()
+            try:
+                self.w.writerow(dict(step=step, loss=f"{mean_loss:.5f}", lr=f"{lr:.3g}", img_per_s=f"{speed:.1f}",
+                                     seconds=f"{time.time() - self.t0:.1f}"))
+                self.f.flush()
+            except OSError as e:
+                f, self.f = self.f, None
+                try:  # what could not be written goes; the rows on disk stay
+                    f.close()
+                except OSError:
+                    pass
+                raise WriteError(f"could not append the loss at step {step} to {self.path} ({first_line(e)}); its "
+                                 f"rows before are kept, and so is the last checkpoint. Free some disk space and go on "
+                                 f"with --resume.") from None
         self.loss_sum, self.n, self.tic = torch.zeros_like(self.loss_sum), 0, time.time()
 
     @contextmanager
@@ -324,4 +412,29 @@ class LossLog:
         self.bar.close()
         if self.f:
             self.f.close()
+
+
+LOG_FIELDS = ["step", "loss", "lr", "img_per_s", "seconds"]
+
+
+def read_loss_log(path):
+    """The rows of a run's log.csv whose values are all finite numbers (the step a whole one); rows that are not
+    (a damaged file, an edit) are left out with a note. An unreadable file gives no rows, with a note."""
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        print(f"note: could not read {path} ({first_line(e)}); its rows are left out", file=sys.stderr)
+        return []
+
+    def number(v):
+        try:
+            return math.isfinite(float(v))
+        except (TypeError, ValueError):
+            return False
+    good = [r for r in rows if str(r.get("step", "")).isdigit() and all(number(r.get(k)) for k in LOG_FIELDS)]
+    if len(good) < len(rows):
+        print(f"note: {len(rows) - len(good)} of the {len(rows)} rows of {path} are not numbers and are left out",
+              file=sys.stderr)
+    return [{k: r[k] for k in LOG_FIELDS} for r in good]
 

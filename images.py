@@ -10,7 +10,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from checks import UserError
-from files import WriteError, atomic_save
+from files import WriteError, atomic_save, read_cache
 
 
 def draw_toycar(rng, size):
@@ -90,7 +90,8 @@ To try the code without any download, use --data toycars."""
 
 
 def find_images(root):
-    """Every .jpg, .jpeg and .png below root, at any depth, sorted; a folder that cannot be read is an error."""
+    """Every .jpg, .jpeg and .png below root, at any depth, sorted; a folder that cannot be read is an error. A
+    name that is no file (a broken symlink, a folder named x.jpg) is left out, with a note."""
     unreadable = []
     paths = sorted(os.path.join(d, f) for d, _, files in os.walk(root, onerror=unreadable.append)
                    for f in files if f.lower().endswith(IMAGE_EXTS))
@@ -98,7 +99,11 @@ def find_images(root):
         e = unreadable[0]
         raise UserError(f"cannot read the folder {e.filename} ({e.strerror}). Fix its permissions, or point --data "
                         f"at another folder.")
-    return paths
+    broken = [p for p in paths if not os.path.isfile(p)]
+    if broken:
+        print(f"note: left out {len(broken)} name(s) that are not image files (e.g. {broken[0]}, a broken link?)",
+              file=sys.stderr)
+    return [p for p in paths if os.path.isfile(p)]
 
 
 def load_image(path, size):
@@ -124,23 +129,24 @@ def image_folder(root, size, cache_dir):
     key = hashlib.sha1(repr([(r, os.path.getsize(p), os.path.getmtime(p)) for r, p in zip(rel, paths)]
                             + [size]).encode())  # the same folder gives the same key, however it is named
     cache = os.path.join(cache_dir, f"{os.path.basename(os.path.abspath(root))}-{size}-{key.hexdigest()[:12]}.pt")
-    if os.path.exists(cache):
-        try:
-            c = torch.load(cache, weights_only=True)
-            data, kept = c["images"], c["paths"]
-            if torch.is_tensor(data) and data.dtype == torch.uint8 and data.shape[1:] == (3, size, size) \
-                    and 1 <= len(data) == len(kept) <= len(paths) and set(kept) <= set(rel):
-                return data, kept
-        except Exception:  # a damaged, old or foreign cache is only a lost shortcut: decode again and rewrite it
-            pass
+    def whole(c):  # every image of the folder, in order: decoded, or listed as unreadable
+        return isinstance(c, dict) and torch.is_tensor(c.get("images")) and c["images"].dtype == torch.uint8 \
+            and c["images"].layout == torch.strided and c["images"].shape[1:] == (3, size, size) \
+            and isinstance(c.get("paths"), list) and isinstance(c.get("skipped"), list) \
+            and 1 <= len(c["images"]) == len(c["paths"]) and sorted(c["paths"] + c["skipped"]) == sorted(rel) \
+            and [r for r in rel if r in set(c["paths"])] == c["paths"]
+    c = read_cache(cache, whole)  # a damaged, partial or foreign cache is a lost shortcut: decoded again, with a note
+    if c is not None:
+        return c["images"], c["paths"]
     from tqdm import tqdm
-    images, kept, bad = [], [], []
+    images, kept, bad, skipped = [], [], [], []
     for p, r in zip(tqdm(paths, desc=f"decoding {len(paths)} images once", unit="img"), rel):
         try:
             images.append(torch.frombuffer(bytearray(load_image(p, size).tobytes()), dtype=torch.uint8))
             kept.append(r)
         except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
             bad.append(f"{p} ({e})")
+            skipped.append(r)
     if bad:
         print(f"skipped {len(bad)} unreadable image(s) of {len(paths)}, e.g. {bad[0]}", file=sys.stderr)
     if not images:
@@ -148,7 +154,7 @@ def image_folder(root, size, cache_dir):
     data = torch.stack(images).view(-1, size, size, 3).permute(0, 3, 1, 2).contiguous()
     try:
         os.makedirs(cache_dir, exist_ok=True)
-        atomic_save({"images": data, "paths": kept}, cache)
+        atomic_save({"images": data, "paths": kept, "skipped": skipped}, cache)
     except (OSError, WriteError) as e:
         print(f"note: could not cache the decoded images in {cache_dir} ({e}); training goes on, and the next "
               f"run decodes them again", file=sys.stderr)
@@ -174,7 +180,15 @@ def read_label_csv(path, kept):
             rows = [r for r in csv.reader(f) if r]
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise UserError(f"--labels {path}: cannot read it as a CSV file ({e}).")
-    table = {os.path.normpath(r[0].strip()): r[1].strip() for r in rows if len(r) >= 2 and r[:2] != ["path", "class"]}
+    table = {}
+    for n, r in enumerate(rows, 1):
+        if len(r) < 2 or r[:2] == ["path", "class"]:
+            continue
+        key, name = os.path.normpath(r[0].strip()), r[1].strip()
+        if table.get(key, name) != name:  # one image, two classes: which one was meant cannot be guessed
+            raise UserError(f"--labels {path} gives {r[0].strip()} two classes, {table[key]!r} and {name!r} (row {n} "
+                            f"and one before it). Keep one row per image.")
+        table[key] = name
     missing = [p for p in kept if not table.get(os.path.normpath(p))]
     if missing:
         raise UserError(f"--labels {path} gives no class for {len(missing)} of the {len(kept)} images, e.g. {missing[0]}. "

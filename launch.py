@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import torch
 
-from checks import MAX_INT, UserError, check_config, check_memory
+from checks import MAX_INT, UserError, check_config, check_memory, check_schedule_on
 from files import (IMAGE_FORMATS, config_from_checkpoint, load_checkpoint, lock_run_folder, save_checkpoint,
                    writable_dir)
 
@@ -58,13 +58,36 @@ def default_micro_batch(cfg, device, bf16):
     return max(1, 8 * 2 ** 20 // (cfg.ch * cfg.image_size ** 2 * (2 if bf16 else 4)))
 
 
+TORCHRUN = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def ranks():
+    """(ddp, rank, world size, local rank) from the variables torchrun sets; one process without them. Part of
+    them, or values that do not fit together, are refused rather than guessed at."""
+    given = {k: os.environ[k] for k in TORCHRUN if k in os.environ}
+    if not {"RANK", "WORLD_SIZE", "LOCAL_RANK"} & set(given):
+        return False, 0, 1, 0
+    try:
+        rank, world, local_rank = (int(given[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+        ok = 0 <= rank < world and 0 <= local_rank < world and given.get("MASTER_ADDR") \
+            and given.get("MASTER_PORT", "").isdigit()
+    except (KeyError, ValueError):
+        ok = False
+    if not ok:
+        raise UserError("the environment holds part of what torchrun sets, or values that do not fit together ("
+                        + ", ".join(f"{k}={given[k]!r}" if k in given else f"{k} unset" for k in TORCHRUN)
+                        + "). Start a data-parallel run with torchrun (torchrun --nproc_per_node=2 ddpm.py train "
+                          "...), or unset these variables to train in one process.")
+    return True, rank, world, local_rank
+
+
 def start_run(cfg, resume, UNet):
     """Device, rank and world size, and the run folder, which from now on belongs to this run: a second
     run on it is refused. Under torchrun each process is one rank of a process group: NCCL between GPUs,
     Gloo between CPU processes. UNet: ddpm.UNet, built without memory to check that the run fits."""
-    ddp = "RANK" in os.environ
-    rank, world, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")) if ddp else (0, 1, 0)
+    ddp, rank, world, local_rank = ranks()
     device = pick_device(cfg.device, local_rank)
+    check_schedule_on(cfg, device)
     if cfg.batch_size % world:
         raise UserError(f"--batch-size {cfg.batch_size} does not split over {world} ranks; use a multiple of {world}.")
     check_memory(cfg, UNet, device, world, chunk=cfg.micro_batch or default_micro_batch(
@@ -206,6 +229,12 @@ def parse_args(Config, description, argv=None):
     return args
 
 
+KEPT = {  # what each command keeps when Ctrl-C stops it before its end
+    "train": "Checkpoints are only ever written whole: any that exists is intact, and --resume continues it.",
+    "sample": "Nothing was written: the grid is written whole when all its images are drawn.",
+}
+
+
 def add_sampler_args(p):
     """The flags that choose a sampler, for sample and evaluate.py."""
     p.add_argument("--sampler", choices=("ddpm", "ddim", "dpm++", "sde-dpm++"), default="ddpm",
@@ -217,7 +246,7 @@ def add_sampler_args(p):
                    help="where the steps fall: evenly in t, or in log-SNR (default: lambda for dpm++ and sde-dpm++, uniform for the others)")
 
 
-def check_sample_args(args, cfg, UNet, device, at_once):
+def check_sample_args(args, cfg, UNet, device, at_once, extra=None, flags="a smaller --n"):
     """sample's and evaluate.py's flags, against the checkpoint's config cfg; at_once: how many images are
     sampled together. Fills in the default --steps and --grid, which depend on the model's T and the sampler."""
     args.steps = (cfg.T if args.sampler == "ddpm" else min(50, cfg.T)) if args.steps is None else args.steps
@@ -237,7 +266,7 @@ def check_sample_args(args, cfg, UNet, device, at_once):
     if out is not None and (os.path.isdir(out) or os.path.splitext(out)[1].lower() not in IMAGE_FORMATS):
         raise UserError(f"--out {out} must name an image file to write, ending in .png, .jpg or .jpeg"
                         + (" (it is a folder)" if os.path.isdir(out) else "") + ".")
-    check_memory(cfg, UNet, device, images=at_once, training=False)
+    check_memory(cfg, UNet, device, images=at_once, training=False, flags=flags, extra=extra)
 
 
 def sample_classes(args, classes, device):
@@ -249,9 +278,7 @@ def sample_classes(args, classes, device):
                             f"(trained with --cond), and this checkpoint has no classes. Leave the flag out.")
         return None, ""
     args.guidance = 1.0 if args.guidance is None else args.guidance
-    if not 0 <= args.guidance < math.inf:  # also refuses nan
-        raise UserError(f"--guidance {args.guidance}: the guidance weight w must be a finite number, at least 0 "
-                        f"(0: the conditional model alone; 1 to 7 are usual).")
+    check_guidance(args.guidance)
     if args.cls is None:  # rows of classes: all of them when --n allows, else --n of them spread over the list
         y = torch.arange(args.n) * len(classes) // args.n
         return y.to(device), f", {len(set(y.tolist()))} classes in rows, guidance w = {args.guidance:g}"
@@ -259,6 +286,15 @@ def sample_classes(args, classes, device):
         raise UserError(f"--class {args.cls!r}: the checkpoint has no such class. Its {len(classes)} classes: "
                         f"{', '.join(classes)}.")
     return torch.full((args.n,), classes.index(args.cls), device=device), f", class {args.cls}, guidance w = {args.guidance:g}"
+
+
+def check_guidance(w, flag="--guidance"):
+    """A guidance weight: from 0 to 1000. 1 to 7 are usual; weights near float's limit overflow the step's
+    arithmetic (eps = (1 + w) eps(class) - w eps(no class)) and the samples come out NaN."""
+    if not 0 <= w <= 1000:  # also refuses nan
+        raise UserError(f"{flag} {w:g}: the guidance weight w must be a number from 0 to 1000 (0: the conditional "
+                        f"model alone; 1 to 7 are usual; far larger weights overflow and the samples come out NaN).")
+    return w
 
 
 @contextmanager
@@ -274,14 +310,17 @@ def progress(model, calls, desc):
         yield counted
 
 
-ARCH_FIELDS = ("image_size", "T", "schedule", "beta_1", "beta_T", "ch", "ch_mult", "num_res_blocks", "attn_res", "data", "cond")
+# What a resumed run cannot change: the network, the schedule, and the data (the toy cars drawn depend on the seed).
+ARCH_FIELDS = ("image_size", "T", "schedule", "beta_1", "beta_T", "ch", "ch_mult", "num_res_blocks", "attn_res", "data",
+               "cond", "n_toycars", "seed")
 
 
 def resolve_config(Config, make_config, given, resume):
     """Config from defaults < preset < (the checkpoint, when resuming) < flags given on the command line,
     checked before any work starts."""
     given = dict(given)
-    cfg = make_config(given.pop("preset", "tiny"), **given)
+    preset = given.pop("preset", None)
+    cfg = make_config(preset or "tiny", **given)
     check_config(cfg)
     if resume:
         ckpt_path = os.path.join(cfg.out_dir or os.path.join("runs", cfg.preset), "ckpt.pt")
@@ -293,6 +332,7 @@ def resolve_config(Config, make_config, given, resume):
         cfg = config_from_checkpoint(Config, ckpt, ckpt_path, **given)
         check_config(cfg)
         changed = [k for k in ARCH_FIELDS if getattr(cfg, k) != getattr(saved, k)]
+        changed += ["preset"] if preset is not None and preset != saved.preset else []
         if changed:
             raise UserError(f"cannot resume {ckpt_path} with a different " + ", ".join(
                 f"--{k.replace('_', '-')} (it was trained with {getattr(saved, k)!r})" for k in changed)

@@ -318,12 +318,14 @@ def timing(args, device, train_steps, n_points):
     return train_steps * min(clock[1:]) + n_points * args.n * (STEPS * call + per_image) + args.n_ref * per_image
 
 
-def load_results(folder):
+def load_results(folder, remake=None):
+    """{point: result} from the files in folder, each checked (files.read_json): a damaged one is left out with a
+    note and measured again, or, with remake, refused naming the command that remakes it."""
     out = {}
-    for path in sorted(glob.glob(os.path.join(folder, "*.json"))):
-        with open(path) as f:
-            r = json.load(f)
-        out[r["point"]] = r
+    for path in sorted(glob.glob(os.path.join(glob.escape(folder), "*.json"))):
+        r = files.read_json(path, ("point",), remake)
+        if r is not None and (r["point"] != "fp16" or "fid" not in r) and (r["point"] == "fp16" or "fid" in r):
+            out[r["point"]] = r
     return out
 
 
@@ -350,7 +352,11 @@ def gallery(results, folder, path, title):
     for name, m in MISTAKES.items():
         strips = [os.path.join(folder, "images", f"{k}.png") for k in (m.against, name)]
         if name in results and m.against in results and all(os.path.exists(p) for p in strips):
-            rows.append([torch.from_numpy(numpy.array(Image.open(p).convert("RGB"))).permute(2, 0, 1) for p in strips])
+            try:
+                rows.append([torch.from_numpy(numpy.array(Image.open(p).convert("RGB"))).permute(2, 0, 1) for p in strips])
+            except (OSError, ValueError, SyntaxError) as e:  # a damaged strip: left out of the picture, not a crash
+                print(f"note: {name} is left out of the picture: {strips} could not be read ({e})", file=sys.stderr)
+                continue
             labels.append(f"{m.title} ({name})\nFID {results[m.against]['fid']:.1f} right, {results[name]['fid']:.1f} broken")
     if rows:
         plots.pairs_plot(rows, labels, path, title)
@@ -358,15 +364,18 @@ def gallery(results, folder, path, title):
 
 
 def mistakes(args):
-    results = load_results(args.out)
+    results = load_results(args.out, "python mistakes.py" if args.table else None)
     if args.table:
         print(table(results))
         return
     names = args.only.split(",") if args.only else list(MISTAKES) + list(MEASURED)
     if set(names) - set(MISTAKES) - set(MEASURED):
         raise checks.UserError(f"--only {args.only}: the mistakes are {', '.join(list(MISTAKES) + list(MEASURED))}.")
-    if min(args.n, args.n_ref) < 2 or min(args.batch, args.steps, args.show) < 1:
-        raise checks.UserError("--n and --n-ref must be at least 2 (FID needs a covariance); --batch, --steps and --show at least 1.")
+    for flag, lo in (("n", 2), ("n_ref", 2), ("batch", 1), ("steps", 1), ("show", 1)):
+        checks.check_range("--" + flag.replace("_", "-"), getattr(args, flag), lo, checks.MAX_INT,
+                           "a count" + (" (FID needs a covariance)" if lo == 2 else ""))
+    if args.show > args.n:
+        raise checks.UserError(f"--show {args.show}: the picture shows some of the --n {args.n} samples, so at most {args.n}.")
     device = launch.pick_device(args.device)
     folders = [(args.out, "--out"), (os.path.join(args.out, "images"), "--out"), (args.runs, "--runs")]
     for folder, flag in folders + ([(os.path.dirname(args.picture) or ".", "--picture")] if args.picture else []):
@@ -394,13 +403,14 @@ def mistakes(args):
               f"({', '.join(todo)}), {args.n} samples each; about {left / 60:.0f} min on this machine, measured just now. "
               f"Results in {args.out}/, runs in {args.runs}/.", flush=True)
         cfg, _ = run_config("correct", args.runs, args.steps, args.device)
+        checks.check_memory(cfg, ddpm.UNet, device, images=min(args.n, args.batch), training=False, extra=evaluate.fid_memory(
+            args.n, args.n_ref, cfg), flags="a smaller --n, --n-ref or --batch")
         ref, cache, t_start = evaluate.reference_stats(net, cfg, images.load(cfg), args.n_ref, device), {}, time.time()
         for run in runs:  # the runs in order; after each, every result that needs only the runs trained so far
             train_run(run, args)
             for key in [k for k in todo if (k in points and points[k].run == run) or (k == "fp16" and run == "correct")]:
                 result = fp16_gradient(args, device) if key == "fp16" else measure(key, points[key], args, device, net, ref, cache)
-                with files.atomic(os.path.join(args.out, f"{key}.json")) as tmp, open(tmp, "w") as f:
-                    json.dump(result, f, indent=1, allow_nan=False)
+                files.write_json(result, os.path.join(args.out, f"{key}.json"))
                 todo.remove(key)
                 print(f"{key:15s} " + (f"FID {result['fid']:7.2f}" if "fid" in result else "measured") +
                       f"   ({(time.time() - t_start) / 60:.1f} min so far, {len(todo)} results to go)", flush=True)
@@ -428,7 +438,8 @@ def main(argv=None):
     p.add_argument("--table", action="store_true", help="print the table of the results in --out and stop")
     p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
     args = p.parse_args(argv)
-    with checks.user_errors():
+    with checks.user_errors(f"Each finished result is a file of its own in {args.out}, and each training run keeps its "
+                            f"last checkpoint in {args.runs}; the same command goes on from there."):
         mistakes(args)
 
 

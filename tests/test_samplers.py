@@ -176,4 +176,4 @@ def test_the_sweep_runs_end_to_end_and_resumes(tmp_path):
     assert again.returncode == 0 and "0 points to do" in again.stdout
     assert "| dpm++ |" in cli("sweep.py", "--table", "--out", tmp_path / "res", cwd=tmp_path).stdout
     bad = cli("sweep.py", "--ckpt", tmp_path / "run" / "ckpt.pt", "--calls", "0,30", cwd=tmp_path)
-    assert bad.returncode == 2 and "from 1 to T = 20" in bad.stderr
+    assert bad.returncode == 2 and "from 1 to 20 (the model's T)" in bad.stderr
