@@ -15,8 +15,8 @@ JSON file in --out; a stopped study goes on where it stopped (a run half trained
 
 import argparse, glob, os, signal, statistics, sys, time
 
-if __name__ == "__main__":  # Ctrl-C while torch loads exits quietly; main() then handles it as usual
-    signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
+if __name__ == "__main__":  # Ctrl-C while torch loads: a word and exit 130 (print gives None)
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(print("\ninterrupted", file=sys.stderr) or 130))
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -46,7 +46,8 @@ VARIANTS = {  # name: the Config fields it changes from the tiny preset (ch 32, 
     "ema0.99": dict(ema_decay=0.99),
     "dropout0.1": dict(dropout=0.1),
 }
-KEYS = ("variant", "budget", "fid", "fid_ode", "steps", "train_s")
+SCHEMA = dict(variant="text", changes="object", budget="number", steps="int", params_M="number", fid="number",
+              fid_seeds="list of numbers", fid_ode="number", train_s="number or null")  # what run_variant writes
 
 
 def forward_flops(cfg):
@@ -106,7 +107,7 @@ def table(results):
 
 
 def load_results(folder, remake="python ablate.py"):
-    out = [files.read_json(p, KEYS, remake) for p in sorted(glob.glob(os.path.join(glob.escape(folder), "*.json")))]
+    out = [files.read_json(p, SCHEMA, remake) for p in sorted(glob.glob(os.path.join(glob.escape(folder), "*.json")))]
     return [r for r in out if r is not None]
 
 
@@ -121,7 +122,7 @@ def ablate(args):
     files.writable_dir(args.out, "--out")
     files.writable_dir(args.runs, "--runs")
     measured = {os.path.basename(p) for p in glob.glob(os.path.join(glob.escape(args.out), "*.json"))
-                if files.read_json(p, KEYS) is not None}
+                if files.read_json(p, SCHEMA) is not None}
     todo = [n for n in names if f"{n}_b{args.budget:g}.json" not in measured]
     net = evaluate.inception()
     if todo and net is None:
@@ -147,7 +148,7 @@ def ablate(args):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = checks.Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--only", help=f"some of the variants, comma-separated: {', '.join(VARIANTS)}")
     p.add_argument("--budget", type=float, default=1.0, help="training FLOPs, as a fraction of the default run's")
     p.add_argument("--n", type=int, default=500, help="samples per FID")

@@ -135,7 +135,7 @@ def row(spec):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = checks.Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", nargs="+", default=["tiny", "paper32"], choices=list(ddpm.PRESETS))
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", nargs="+", default=None, choices=["fp32", "bf16"],

@@ -9,7 +9,7 @@ ddpm.py import one way only:
                                                   solvers.py  <-              sweep.py, mistakes.py
 """
 
-import math, re, signal, sys
+import argparse, math, re, signal, sys
 from contextlib import contextmanager
 from dataclasses import fields
 
@@ -33,6 +33,14 @@ def user_errors(kept="Every file is written whole, so any that exists is intact.
     except KeyboardInterrupt:
         print(f"\ninterrupted. {kept}", file=sys.stderr)
         sys.exit(130)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with its errors in the form of every other bad input: one paragraph, error: first, exit code 2."""
+
+    def error(self, message):
+        print(f"error: {message}. {self.prog} --help lists every flag.", file=sys.stderr)
+        sys.exit(2)
 
 
 def first_line(e):

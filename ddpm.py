@@ -32,8 +32,8 @@ from copy import deepcopy
 from dataclasses import dataclass
 from types import SimpleNamespace
 
-if __name__ == "__main__":  # Ctrl-C while torch loads exits quietly; main() then handles it as usual
-    signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
+if __name__ == "__main__":  # Ctrl-C while torch loads: a word and exit 130 (print gives None)
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(print("\ninterrupted", file=sys.stderr) or 130))
 
 import torch
 import torch.nn as nn
@@ -669,7 +669,7 @@ def sample(args):
     at_once = args.n * (2 if ckpt.get("classes") else 1)  # guided: both halves in one batch
     launch.check_sample_args(args, cfg, UNet, device, at_once)
     out = args.out or os.path.join(os.path.dirname(path), f"sample_{args.sampler}.png")
-    files.writable_dir(os.path.dirname(out) or ".", "--out")
+    files.check_target(out, "--out")
     sched, g = Schedule.from_config(cfg).to(device), torch.Generator(device).manual_seed(args.seed)
     y, what = launch.sample_classes(args, ckpt.get("classes", []), device)  # --class, --guidance, checked
     net = guided(model, y, args.guidance) if y is not None else model

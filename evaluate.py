@@ -14,8 +14,8 @@
 
 import argparse, importlib.util, json, math, os, signal, sys, time, warnings
 
-if __name__ == "__main__":  # Ctrl-C while torch loads exits quietly; main() then handles it as usual
-    signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
+if __name__ == "__main__":  # Ctrl-C while torch loads: a word and exit 130 (print gives None)
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(print("\ninterrupted", file=sys.stderr) or 130))
 
 import torch
 import torch.nn.functional as F
@@ -205,6 +205,8 @@ def evaluate(args):
     model, cfg, ckpt = ddpm.load_model(ckpt_path, "ema", device)
     launch.check_sample_args(args, cfg, ddpm.UNet, device, at_once=min(args.n, args.batch), extra=working_set(
         args, cfg), flags="smaller --n, --n-ref, --n-heldout, --bpd-images or --batch")
+    out = files.check_target(os.path.join(os.path.dirname(ckpt_path), f"eval_step{ckpt['step']}.json"),
+                             "evaluate.py writes its result beside the checkpoint")
     sched = ddpm.Schedule.from_config(cfg).to(device)
     train = images.load(cfg)
     if cfg.data == "toycars":  # new cars from another seed: truly held out
@@ -249,7 +251,6 @@ def evaluate(args):
                   nn_dist_median_samples=round(d_samples.median().item(), 3), nn_dist_median_heldout=round(d_held.median().item(), 3),
                   heldout=held_label)
     print(report(result))
-    out = os.path.join(os.path.dirname(ckpt_path), f"eval_step{ckpt['step']}.json")
     files.write_json(result, out)
     print(f"wrote {out}")
     return result
@@ -285,7 +286,7 @@ def report(r):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = checks.Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", help="checkpoint file; default: the newest runs/*/ckpt.pt")
     p.add_argument("--n", type=int, default=10000, help="samples for FID and the near-copy check")
     p.add_argument("--n-ref", type=int, default=10000, help="training images for FID's reference statistics")

@@ -35,8 +35,10 @@ def atomic(path):
         yield tmp
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
+        fix = ("Move the folder of that name out of the way" if os.path.isdir(path) else
+               "Free some disk space, fix the folder's permissions, or choose another folder")
         raise WriteError(f"could not write {path} ({first_line(e)}). Whatever was there before is untouched. "
-                         f"Free some disk space, fix the folder's permissions, or choose another folder.") from None
+                         f"{fix}.") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -54,27 +56,56 @@ def write_json(obj, path):
         json.dump(obj, f, indent=1, allow_nan=False)
 
 
-def read_json(path, keys, remake=None):
-    """A result file the project wrote: a JSON object holding keys, each a finite number or text (lists
-    allowed). Damaged (truncated, edited, another file): with remake=None it is measured again, with a
-    note, and None is returned; otherwise refused, naming the file and remake, the command that remakes it."""
-    def plain(v):
-        return isinstance(v, str) or v is None or (isinstance(v, (int, float)) and math.isfinite(v)) \
-            or (isinstance(v, (list, dict)) and all(plain(x) for x in (v.values() if isinstance(v, dict) else v)))
+KINDS = {"number": lambda v: type(v) in (int, float) and math.isfinite(v), "int": lambda v: type(v) is int,
+         "text": lambda v: isinstance(v, str), "number or null": lambda v: v is None or KINDS["number"](v),
+         "list of numbers": lambda v: isinstance(v, list) and len(v) > 0 and all(KINDS["number"](x) for x in v),
+         "object": lambda v: isinstance(v, dict)}
+
+
+def mismatch(r, schema):
+    """What in r does not fit schema ({key: "number", "int", "text", ... or a nested schema}), such as "fid is not
+    a number"; "" when r fits. A key written "key?" may be absent."""
+    if not isinstance(r, dict):
+        return "it is not a JSON object"
+    for key, kind in schema.items():
+        name = key.rstrip("?")
+        if name not in r:
+            if key.endswith("?"):
+                continue
+            return f"{name} is missing"
+        if isinstance(kind, dict):
+            inner = mismatch(r[name], kind)
+            if inner:
+                return f"{name}: {inner}"
+        elif not KINDS[kind](r[name]):
+            return f"{name} is not {'an' if kind[0] in 'aeiou' else 'a'} {kind}"
+    return ""
+
+
+def read_json(path, schema, remake=None):
+    """A result file the project wrote, checked against schema (see mismatch; a callable: schema(r) gives it).
+    Unreadable (truncated, not JSON): with remake=None, a note, and None, so that the caller measures it again;
+    else refused, naming the file and remake, the command that remakes it. Readable but not this command's
+    result (another command's, or edited): the same, with a message that names the key and does not ask for
+    the file to be deleted."""
     try:
         with open(path) as f:
             r = json.load(f, parse_constant=lambda c: float("nan"))
-        ok = isinstance(r, dict) and all(k in r for k in keys) and all(plain(v) for v in r.values())
-        why = "" if ok else f"not the result {remake or 'this command'} writes"
+        wrong = mismatch(r, schema(r) if callable(schema) and isinstance(r, dict) else schema if not callable(schema) else {})
+        if not wrong:
+            return r
+        why, damaged = wrong, False
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
-        why = first_line(e)
-    if not why:
-        return r
+        why, damaged = first_line(e), True
     if remake is None:
-        print(f"note: {path} is damaged ({why}); that point is measured again", file=sys.stderr)
+        print(f"note: {path} is {'damaged' if damaged else 'not a result of this command'} ({why}); that point is "
+              f"measured again", file=sys.stderr)
         return None
-    raise UserError(f"{path} is damaged ({why}). Delete it and run {remake} again, which measures only what is "
-                    f"missing.")
+    if damaged:
+        raise UserError(f"{path} is damaged ({why}). Delete it and run {remake} again, which measures only what is "
+                        f"missing.")
+    raise UserError(f"{path} is not a result of {remake} ({why}). Point the command at the folder of {remake}'s own "
+                    f"results, or move that file out of this one.")
 
 
 def save_figure(fig, path, **kw):
@@ -122,6 +153,16 @@ def save_images(x, folder):
     writable_dir(folder, "--individual")
     for i, img in enumerate(x):
         save_grid(img[None], os.path.join(folder, f"{i:05d}.png"), nrow=1)
+
+
+def check_target(path, flag):
+    """Before any work: a file can be written at path (its folder writable, no folder of that name in the way);
+    flag names what chose the path, for the message."""
+    writable_dir(os.path.dirname(path) or ".", flag)
+    if os.path.isdir(path):
+        raise UserError(f"{path} is a folder, so the file of that name cannot be written ({flag}). Move the folder "
+                        f"out of the way, or choose another name.")
+    return path
 
 
 def writable_dir(path, flag):
@@ -270,10 +311,19 @@ def check_adam_state(opt, model, path):
             m = moments.get(key)
             ok = ok and p is not None and torch.is_tensor(m) and m.shape == p.shape and m.is_floating_point() \
                 and bool(torch.isfinite(m).all())
-    if not ok:
+        step = moments.get("step")
+        ok = ok and torch.is_tensor(step) and step.numel() == 1 and bool(torch.isfinite(step).all() and step >= 0)
+    groups = opt.get("param_groups")  # Adam's settings: betas in [0, 1), eps > 0, finite rates
+    number = lambda v, lo=0.0: type(v) in (int, float) and lo <= v < math.inf
+    settings = isinstance(groups, list) and all(
+        isinstance(g, dict) and isinstance(g.get("betas"), (list, tuple)) and len(g["betas"]) == 2
+        and all(number(b) and b < 1 for b in g["betas"]) and number(g.get("eps")) and g["eps"] > 0
+        and number(g.get("lr")) and number(g.get("weight_decay", 0)) for g in groups)
+    if not ok or not settings:
         raise UserError(f"{path} cannot be resumed: its Adam state does not fit the network's parameters (shapes, "
-                        f"dtypes), or holds NaN or infinite moments. It can still sample (python ddpm.py sample "
-                        f"--ckpt {path}); to train on, start a new run with another --out-dir.")
+                        f"dtypes), holds NaN or infinite moments or steps, or settings out of range (betas in [0, 1), "
+                        f"eps > 0). It can still sample (python ddpm.py sample --ckpt {path}); to train on, start a new "
+                        f"run with another --out-dir.")
 
 
 def latest_checkpoint():
@@ -418,23 +468,26 @@ LOG_FIELDS = ["step", "loss", "lr", "img_per_s", "seconds"]
 
 
 def read_loss_log(path):
-    """The rows of a run's log.csv whose values are all finite numbers (the step a whole one); rows that are not
-    (a damaged file, an edit) are left out with a note. An unreadable file gives no rows, with a note."""
+    """The rows of a run's log.csv whose five values are all finite numbers (the step a whole one), as dicts of
+    LOG_FIELDS; the others (a damaged byte, a cut line, an edited header, an edit) are left out, with a note, so
+    that one bad row never costs the good ones. A file that cannot be opened gives no rows, with a note."""
     try:
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        with open(path, newline="", errors="replace") as f:
+            rows = list(csv.reader(f))
+    except (OSError, csv.Error) as e:
         print(f"note: could not read {path} ({first_line(e)}); its rows are left out", file=sys.stderr)
         return []
 
     def number(v):
         try:
             return math.isfinite(float(v))
-        except (TypeError, ValueError):
+        except ValueError:
             return False
-    good = [r for r in rows if str(r.get("step", "")).isdigit() and all(number(r.get(k)) for k in LOG_FIELDS)]
-    if len(good) < len(rows):
-        print(f"note: {len(rows) - len(good)} of the {len(rows)} rows of {path} are not numbers and are left out",
+    data = rows[1:] if rows and not all(map(number, rows[0])) else rows  # the header, whatever it says
+    good = [r for r in data if len(r) == len(LOG_FIELDS) and r[0].strip().isdigit() and all(map(number, r))]
+    if len(good) < len(data):
+        print(f"note: {len(data) - len(good)} of the {len(data)} rows of {path} are not numbers and are left out",
               file=sys.stderr)
-    return [{k: r[k] for k in LOG_FIELDS} for r in good]
+    return [dict(zip(LOG_FIELDS, (v.strip() for v in r))) for r in good]
+
 

@@ -2,16 +2,16 @@
 Ctrl-C, and the command line of ddpm.py with its help texts and the checks of the sampling flags.
 """
 
-import argparse, math, os, signal, sys
+import argparse, datetime, math, os, signal, sys
 from contextlib import contextmanager
 from dataclasses import fields
 from types import SimpleNamespace
 
 import torch
 
-from checks import MAX_INT, UserError, check_config, check_memory, check_schedule_on
-from files import (IMAGE_FORMATS, config_from_checkpoint, load_checkpoint, lock_run_folder, save_checkpoint,
-                   writable_dir)
+from checks import MAX_INT, Parser, UserError, check_config, check_memory, check_schedule_on, first_line
+from files import (IMAGE_FORMATS, check_target, config_from_checkpoint, load_checkpoint, lock_run_folder,
+                   save_checkpoint, writable_dir)
 
 
 def pick_device(name, local_rank=0):
@@ -102,9 +102,39 @@ def start_run(cfg, resume, UNet):
         if found and not resume:
             raise UserError(f"{out_dir} already holds checkpoints ({', '.join(found)}). Add --resume to continue "
                             f"the run, pass another --out-dir for a new one, or delete the folder to start over.")
-    if ddp:
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if ddp:  # each rank waits here for all the others, at most JOIN_TIMEOUT seconds
+        if rank > 0:
+            wait_for_rank_0(rank, world)
+        try:
+            torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                                 timeout=datetime.timedelta(seconds=JOIN_TIMEOUT))
+        except RuntimeError as e:  # the store's timeout or refusal: a rank alone, or a rank 0 that never came
+            raise UserError(f"rank {rank} of {world}: the other ranks did not join within {JOIN_TIMEOUT} s at "
+                            f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} ({first_line(e)}). Start every "
+                            f"rank with torchrun, or unset RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT, "
+                            f"left from another run, to train in one process.") from None
     return run
+
+
+JOIN_TIMEOUT = 300  # seconds a rank waits for the others when a run starts
+
+
+def wait_for_rank_0(rank, world):
+    """Rank 0 serves the process group's store at MASTER_ADDR:MASTER_PORT. Wait for it with a plain socket, so
+    that a rank alone (torchrun's variables left from another run) gets one message, not c10d's stack traces."""
+    import socket, time
+    address, deadline = (os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])), time.time() + JOIN_TIMEOUT
+    while True:
+        try:
+            socket.create_connection(address, timeout=1).close()
+            return
+        except OSError as e:
+            if time.time() > deadline:
+                raise UserError(f"rank {rank} of {world}: rank 0 did not answer at {address[0]}:{address[1]} within "
+                                f"{JOIN_TIMEOUT} s ({e.strerror or first_line(e)}). Start every rank with torchrun, or "
+                                f"unset RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT, left from another "
+                                f"run, to train in one process.") from None
+            time.sleep(0.5)
 
 
 def end_run(run, model):
@@ -192,7 +222,7 @@ HELP = {  # what each Config field of ddpm.py means, for `python ddpm.py train -
 
 def parse_args(Config, description, argv=None):
     """The arguments of `python ddpm.py train|sample`; train's flags are built from the Config dataclass."""
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="python ddpm.py train --help and python ddpm.py sample --help list every flag. "
                                        "Evaluation and the pictures of the docs are commands of their own: "
                                        "python evaluate.py --help, python plots.py --help.")
@@ -262,6 +292,8 @@ def check_sample_args(args, cfg, UNet, device, at_once, extra=None, flags="a sma
         raise UserError(f"--seed {args.seed} must be a whole number from 0 to 2**63 - 1.")
     if getattr(args, "individual", None):  # before the sampling, not after it
         writable_dir(args.individual, "--individual")
+        for i in range(min(args.n, 10 ** 6)):
+            check_target(os.path.join(args.individual, f"{i:05d}.png"), "--individual")
     out = getattr(args, "out", None)
     if out is not None and (os.path.isdir(out) or os.path.splitext(out)[1].lower() not in IMAGE_FORMATS):
         raise UserError(f"--out {out} must name an image file to write, ending in .png, .jpg or .jpeg"

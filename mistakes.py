@@ -17,8 +17,8 @@ import argparse, glob, json, math, os, signal, sys, time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
-if __name__ == "__main__":  # Ctrl-C while torch loads exits quietly; main() then handles it as usual
-    signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
+if __name__ == "__main__":  # Ctrl-C while torch loads: a word and exit 130 (print gives None)
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(print("\ninterrupted", file=sys.stderr) or 130))
 
 import torch
 
@@ -323,10 +323,16 @@ def load_results(folder, remake=None):
     note and measured again, or, with remake, refused naming the command that remakes it."""
     out = {}
     for path in sorted(glob.glob(os.path.join(glob.escape(folder), "*.json"))):
-        r = files.read_json(path, ("point",), remake)
-        if r is not None and (r["point"] != "fp16" or "fid" not in r) and (r["point"] == "fp16" or "fid" in r):
+        r = files.read_json(path, lambda r: FP16_SCHEMA if r.get("point") == "fp16" else SCHEMA, remake)
+        if r is not None:
             out[r["point"]] = r
     return out
+
+
+SCHEMA = dict(point="text", fid="number", n="int", n_ref="int", train_steps="int")  # what measure writes
+FP16_SCHEMA = dict(point="text", device="text", batch="int", fp32_step_s="number",  # and fp16_gradient
+                   fp16=dict(relative_error="number", zeroed="number", seconds="number"),
+                   fp16_scaled=dict(relative_error="number"), bf16=dict(relative_error="number"))
 
 
 def table(results):
@@ -374,8 +380,6 @@ def mistakes(args):
     for flag, lo in (("n", 2), ("n_ref", 2), ("batch", 1), ("steps", 1), ("show", 1)):
         checks.check_range("--" + flag.replace("_", "-"), getattr(args, flag), lo, checks.MAX_INT,
                            "a count" + (" (FID needs a covariance)" if lo == 2 else ""))
-    if args.show > args.n:
-        raise checks.UserError(f"--show {args.show}: the picture shows some of the --n {args.n} samples, so at most {args.n}.")
     device = launch.pick_device(args.device)
     folders = [(args.out, "--out"), (os.path.join(args.out, "images"), "--out"), (args.runs, "--runs")]
     for folder, flag in folders + ([(os.path.dirname(args.picture) or ".", "--picture")] if args.picture else []):
@@ -425,7 +429,7 @@ def mistakes(args):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = checks.Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--only", help=f"some of the mistakes, comma-separated: {', '.join(list(MISTAKES) + list(MEASURED))}")
     p.add_argument("--steps", type=int, default=BASE["steps"], help="training steps of every run")
     p.add_argument("--n", type=int, default=500, help="samples per result, for FID")

@@ -10,8 +10,8 @@ Kept out of ddpm.py, which holds the model and its math; this file only calls in
 
 import argparse, math, os, signal, sys
 
-if __name__ == "__main__":  # Ctrl-C while torch loads exits quietly; main() then handles it as usual
-    signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
+if __name__ == "__main__":  # Ctrl-C while torch loads: a word and exit 130 (print gives None)
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(print("\ninterrupted", file=sys.stderr) or 130))
 
 try:
     import matplotlib
@@ -341,7 +341,7 @@ PICTURES = ("run", "sweep", "samplers", "guidance")
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = checks.Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", help="checkpoint file; default: the newest runs/*/ckpt.pt")
     p.add_argument("--out", default="assets", help="folder for the pictures")
     p.add_argument("--seed", type=int, default=0, help="seed of the images and the starting noise")
@@ -367,7 +367,7 @@ def main(argv=None):
             print(f"wrote samplers.png to {args.out}")
         if "sweep" in only:
             import sweep
-            results = sweep.load_results(args.sweep)
+            results = [r for r in sweep.load_results(args.sweep) if "guidance" not in r]  # the samplers' results
             if results:
                 r = results[0]
                 sweep_plot(results, os.path.join(args.out, "fid_vs_calls.png"),
@@ -375,7 +375,7 @@ def main(argv=None):
                            f"N = {r['n']} samples against {r['n_ref']} training images")
                 print(f"wrote fid_vs_calls.png to {args.out} (from {len(results)} results in {args.sweep})")
             elif args.only:
-                raise checks.UserError(f"--sweep {args.sweep} holds no results of python sweep.py yet.")
+                raise checks.UserError(f"--sweep {args.sweep} holds no results of python sweep.py's samplers yet.")
         if "guidance" in only:
             guidance_plot(args.cond_ckpt, os.path.join(args.out, "guidance.png"), seed=args.seed)
             print(f"wrote guidance.png to {args.out} (from {args.cond_ckpt})")

@@ -14,8 +14,8 @@ the seed-to-seed spread. Algorithm 2 with all T steps is the reference. python p
 
 import argparse, glob, json, math, os, signal, statistics, sys, time
 
-if __name__ == "__main__":  # Ctrl-C while torch loads exits quietly; main() then handles it as usual
-    signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
+if __name__ == "__main__":  # Ctrl-C while torch loads: a word and exit 130 (print gives None)
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(print("\ninterrupted", file=sys.stderr) or 130))
 
 import torch
 
@@ -72,14 +72,21 @@ def run_point(model, sched, cfg, ref, net, name, calls, seed, n, batch, device, 
     return result
 
 
-KEYS = ("sampler", "calls", "seed", "fid", "sampling_s", "n")  # what every result file holds
+SCHEMA = dict(sampler="text", calls="int", seed="int", fid="number", sampling_s="number", n="int", n_ref="int",
+              ckpt="text", step="int", **{"guidance?": "number", "accuracy?": "number"})  # what run_point writes
 
 
 def load_results(folder, remake="python sweep.py"):
     """The result files in folder, each checked (files.read_json); a damaged one is refused, naming it, or with
     remake=None left out with a note, to be measured again."""
-    out = [files.read_json(path, KEYS, remake) for path in sorted(glob.glob(os.path.join(glob.escape(folder), "*.json")))]
+    out = [files.read_json(path, SCHEMA, remake) for path in sorted(glob.glob(os.path.join(glob.escape(folder), "*.json")))]
     return [r for r in out if r is not None]
+
+
+def tables(results):
+    """The samplers' table and the guidance table, each from the results of its kind; a folder may hold both."""
+    guided, plain = [r for r in results if "guidance" in r], [r for r in results if "guidance" not in r]
+    return "\n\n".join(([table(plain)] if plain else []) + ([guidance_table(guided)] if guided else [])) or "no results yet"
 
 
 def guidance_table(results):
@@ -113,8 +120,7 @@ def table(results):
 
 def sweep(args):
     if args.table:
-        results = load_results(args.out)
-        print(guidance_table(results) if results and "guidance" in results[0] else table(results))
+        print(tables(load_results(args.out)))
         return
     ckpt_path = args.ckpt or files.latest_checkpoint()
     device = launch.pick_device(args.device)
@@ -140,8 +146,16 @@ def sweep(args):
         [(*p, None) for p in points(calls, samplers, args.seeds, cfg.T)]  # a guided step: two calls in one batch
     name_of = lambda p: f"w{p[3]:g}.json" if p[3] is not None else f"{p[0]}_{p[1]:04d}_s{p[2]}.json"
     measured = {os.path.basename(f) for f in glob.glob(os.path.join(glob.escape(args.out), "*.json"))
-                if files.read_json(f, KEYS) is not None}  # a damaged result is measured again
+                if files.read_json(f, SCHEMA) is not None}  # a damaged result is measured again
     todo = [p for p in every if name_of(p) not in measured]
+    for r in load_results(args.out, None):  # results of another checkpoint or --n would mix into the table
+        n_ref = min(args.n_ref, cfg.n_toycars) if cfg.data == "toycars" else r["n_ref"]  # a folder's size: not known yet
+        same = (os.path.realpath(r["ckpt"]), r["step"], r["n"], r["n_ref"]) == (os.path.realpath(ckpt_path), ckpt["step"],
+                                                                                args.n, n_ref)
+        if name_of((r["sampler"], r["calls"], r["seed"], r.get("guidance"))) in map(name_of, every) and not same:
+            raise checks.UserError(f"{args.out} holds results of {r['ckpt']} (step {r['step']}) with --n {r['n']} and "
+                                   f"--n-ref {r['n_ref']}; this command measures {ckpt_path} (step {ckpt['step']}) with --n "
+                                   f"{args.n} and --n-ref {args.n_ref}. Pass the same settings, or another --out.")
     total = sum(p[1] for p in todo) * args.n
     print(f"{len(todo)} points to do ({total:,} image-calls of the U-Net, plus Inception on {len(todo) * args.n:,} images); "
           f"results in {args.out}/")
@@ -163,12 +177,11 @@ def sweep(args):
         left = per_call * (total - done) + per_point * (len(todo) - k - 1)
         what = f"guidance w = {w:g}, accuracy {result.get('accuracy', float('nan')):.3f}" if w is not None else f"{name:10s} {c:5d} calls  seed {seed}"
         print(f"{what}  FID {result['fid']:7.2f}  sampling {result['sampling_s']:6.1f} s  (about {left / 60:.0f} min left)", flush=True)
-    results = load_results(args.out)
-    print(guidance_table(results) if weights else table(results))
+    print(tables(load_results(args.out)))
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = checks.Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", help="checkpoint file; default: the newest runs/*/ckpt.pt")
     p.add_argument("--out", default=os.path.join("results", "sweep"), help="folder of the result files")
     p.add_argument("--calls", default="5,10,20,50,100", help="numbers of network calls, comma-separated")

