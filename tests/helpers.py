@@ -46,3 +46,15 @@ def write_image_folder(root):
         f.truncate(300)
     with open(os.path.join(root, "notes.txt"), "w") as f:
         f.write("not an image")
+
+
+def run_main(main, argv, cwd, monkeypatch, capsys):
+    """main(argv) in cwd; returns (exit code, stderr). A traceback would be an exception here."""
+    monkeypatch.chdir(cwd)
+    monkeypatch.setenv("DDPM_DATA_DIR", "")
+    try:
+        main([str(a) for a in argv])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err

@@ -17,7 +17,7 @@ import images
 import plots
 import checks
 import files
-from helpers import HERE, SMALL, cli, small_cfg, weights
+from helpers import HERE, SMALL, cli, run_main, small_cfg, weights
 
 TRAIN = ["train", *SMALL, "--steps", "2"]
 
@@ -51,18 +51,6 @@ def folder(tmp_path_factory):
     shutil.copy(tmp / "ok" / "ckpt.pt", tmp / "only-step" / "ckpt_step4.pt")
     assert good["step"] == 2
     return tmp
-
-
-def run_main(main, argv, cwd, monkeypatch, capsys):
-    """main(argv) in cwd; returns (exit code, stderr). A traceback would be an exception here."""
-    monkeypatch.chdir(cwd)
-    monkeypatch.setenv("DDPM_DATA_DIR", "")
-    try:
-        main([str(a) for a in argv])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    return code, capsys.readouterr().err
 
 
 OK = "ok/ckpt.pt"

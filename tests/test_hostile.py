@@ -50,7 +50,7 @@ import launch
 import mistakes
 import plots
 import sweep
-from helpers import HERE, SMALL, cli, small_cfg, weights
+from helpers import SMALL, cli, run_main, small_cfg, weights
 
 TRAIN = ["train", *SMALL, "--steps", "2"]
 MAINS = {"ddpm.py": ddpm.main, "evaluate.py": evaluate.main, "sweep.py": sweep.main, "plots.py": plots.main,
@@ -60,15 +60,7 @@ MAINS = {"ddpm.py": ddpm.main, "evaluate.py": evaluate.main, "sweep.py": sweep.m
 def run(argv, cwd, monkeypatch, capsys):
     """A command's main(argv) in cwd, as its user runs it: (exit code, stderr). A traceback fails the test."""
     main = MAINS.get(argv[0], ddpm.main)
-    argv = argv[1:] if argv[0] in MAINS else argv
-    monkeypatch.chdir(cwd)
-    monkeypatch.setenv("DDPM_DATA_DIR", "")
-    try:
-        main([str(a) for a in argv])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    return code, capsys.readouterr().err
+    return run_main(main, argv[1:] if argv[0] in MAINS else argv, cwd, monkeypatch, capsys)
 
 
 def refused(code, err, *words):
