@@ -12,7 +12,7 @@
   held-out images.
 """
 
-import argparse, importlib.util, json, math, os, signal, sys, time, warnings
+import argparse, importlib.util, math, os, signal, sys, time, warnings
 
 if __name__ == "__main__":  # Ctrl-C while torch loads: a word and exit 130 (print gives None)
     signal.signal(signal.SIGINT, lambda *_: sys.exit(print("\ninterrupted", file=sys.stderr) or 130))

@@ -2,7 +2,7 @@
 Ctrl-C, and the command line of ddpm.py with its help texts and the checks of the sampling flags.
 """
 
-import argparse, datetime, math, os, signal, sys
+import argparse, datetime, os, signal, sys
 from contextlib import contextmanager
 from dataclasses import fields
 from types import SimpleNamespace

@@ -13,7 +13,7 @@ images) as soon as it is done, so a stopped gallery goes on where it stopped, in
 live in runs/mistakes/. At the end, the picture: assets/mistakes.png. docs/mistakes.md explains each mistake.
 """
 
-import argparse, glob, json, math, os, signal, sys, time
+import argparse, glob, os, signal, sys, time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 

@@ -12,7 +12,7 @@ where it stopped, in this session or another. Points at 20 calls or fewer are re
 the seed-to-seed spread. Algorithm 2 with all T steps is the reference. python plots.py draws the curve.
 """
 
-import argparse, glob, json, math, os, signal, statistics, sys, time
+import argparse, glob, os, signal, statistics, sys, time
 
 if __name__ == "__main__":  # Ctrl-C while torch loads: a word and exit 130 (print gives None)
     signal.signal(signal.SIGINT, lambda *_: sys.exit(print("\ninterrupted", file=sys.stderr) or 130))

@@ -34,7 +34,7 @@ moment that matters (opened, nothing written), deterministically.
     29 Ctrl-C in sweep.py talking about checkpoints              test_ctrl_c_says_what_each_command_keeps
 """
 
-import errno, json, os, shutil, subprocess, sys
+import errno, json, os, shutil
 from types import SimpleNamespace
 
 import pytest
