@@ -110,6 +110,8 @@ RULES = {  # field: (test, what it must be)
     "steps": (lambda v: 1 <= v <= MAX_INT, "at least 1"),
     "grad_clip": (lambda v: 0 <= v < math.inf, "a norm, at least 0 (0: no clipping)"),
     "ema_decay": (lambda v: 0 <= v < 1, "a decay in [0, 1) (the paper: 0.9999)"),
+    "min_snr": (lambda v: 0 <= v < math.inf, "a gamma, at least 0 (0: off, the paper's L_simple; Hang et al.: 5)"),
+    "input_perturbation": (lambda v: 0 <= v <= 10, "a gamma from 0 to 10 (0: off, the paper's; Ning et al.: 0.1)"),
     "seed": (lambda v: 0 <= v < 2 ** 63, "a whole number from 0 to 2**63 - 1"),
     "precision": (lambda v: v in ("auto", "fp32", "bf16"), "auto, fp32 or bf16"),
     "log_every": (lambda v: 1 <= v <= MAX_INT, "at least 1"),

@@ -9,9 +9,9 @@ Read it top to bottom beside the paper and docs/walkthrough.md. First the paper,
 schedule, the forward process and its posterior, the U-Net, Algorithm 1 (the loss and one training step), the
 training loop, Algorithm 2. Then what came after the paper (cosine schedule, respacing, DDIM, guidance), and
 last the config and the `train` and `sample` commands. What does not touch the math lives beside this file:
-images.py (toy cars, image folders, classes), files.py (checkpoints, pictures, the loss log, the
-lock), checks.py (what each flag may be, memory), launch.py (device, ranks, Ctrl-C, the command line);
-solvers.py holds DPM-Solver++ with and without noise, faster solvers in this file's style.
+images.py (toy cars, image folders, classes), files.py (checkpoints, pictures, the loss log, the lock),
+checks.py (what each flag may be, memory), launch.py (device, ranks, Ctrl-C, the command line); solvers.py
+holds DPM-Solver++ with and without noise, faster solvers in this file's style.
 
 Code name      paper                       Code name    paper
 -----------    -------------------------   ---------    ------------------------------------
@@ -59,8 +59,7 @@ def linear_beta(T, beta_1=1e-4, beta_T=0.02):
 
 class Schedule:
     """beta, alpha, alpha_bar and alpha_bar_prev as (T,) tensors; paper step t = 1..T lives at index t-1.
-    Kept in float64, as the paper's code does: near t = 1, 1 - alpha_bar ~ 1e-4, and float32 would lose
-    three of its seven digits there. The images themselves stay float32."""
+    In float64, as in the paper's code: near t = 1, 1 - alpha_bar ~ 1e-4; float32 would lose 3 of 7 digits."""
 
     def __init__(self, beta):
         self.T = len(beta)
@@ -118,9 +117,8 @@ def q_posterior(sched, x0, xt, t):
 # Any shape-preserving network fits here; this one is the paper's, scaled by Config.
 
 def timestep_embedding(t, dim):
-    """Sinusoidal position embedding of the Transformer (paper sec. 4): t (B,) -> (B, dim).
-    Frequencies run geometrically from 1 to 1/10000, so nearby t differ in the fast
-    components and far-apart t in the slow ones; the MLP after it reads off "how noisy"."""
+    """Sinusoidal position embedding of the Transformer (paper sec. 4): t (B,) -> (B, dim). Frequencies run
+    geometrically from 1 to 1/10000: nearby t differ in the fast ones, far-apart t in the slow."""
     half = dim // 2
     freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device) / (half - 1))
     angles = t.float()[:, None] * freqs[None, :]
@@ -128,9 +126,8 @@ def timestep_embedding(t, dim):
 
 
 def norm(c):
-    """Group norm with the paper's 32 groups where each group keeps at least 4 channels: gcd(32, c / 4)
-    groups, so 32 for paper32's 128 and 256 channels, but 8 for tiny's 32 (16 for its 64) and for cars64's 96
-    (c / 4 = 24 has only 8 in common with 32)."""
+    """Group norm with the paper's 32 groups where each keeps 4 channels or more: gcd(32, c / 4) groups, so 32
+    for paper32's 128 and 256 channels, 8 for tiny's 32 (16 for its 64) and cars64's 96 (gcd(32, 24) = 8)."""
     return nn.GroupNorm(math.gcd(32, c // 4), c)
 
 
@@ -185,8 +182,7 @@ class Block(nn.Module):
 
 
 class Downsample(nn.Module):
-    """Halve H and W with a strided 3x3 conv. forward takes emb only so that the U-Net's loops can call
-    every layer alike; resampling does not depend on t."""
+    """Halve H and W with a strided 3x3 conv. Takes emb, unused, so that the U-Net calls every layer alike."""
 
     def __init__(self, c):
         super().__init__()
@@ -218,9 +214,8 @@ class UNet(nn.Module):
         self.ch = ch
         self.emb = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.conv_in = nn.Conv2d(3, ch, 3, padding=1)
-        # Down: each level's blocks, then halve the resolution; remember every output for the skips.
-        # c: channels of the activation so far; res: its resolution (attention goes where res is in
-        # attn_res); skip_ch: channels of each output kept for a skip, popped in reverse on the way up.
+        # Down: each level's blocks, then halve the resolution. c, res: channels and resolution so far
+        # (attention where res is in attn_res); skip_ch: channels of each output kept for a skip.
         self.down, skip_ch, c, res = nn.ModuleList(), [ch], ch, cfg.image_size
         for i, mult in enumerate(cfg.ch_mult):
             for _ in range(cfg.num_res_blocks):
@@ -289,10 +284,15 @@ def random_batch(data, B, generator, labels=None, rank=0, world=1):
     return get_batch(data, idx, flip), None if labels is None else labels[idx]
 
 
-def loss_fn(model, sched, x0, t, eps, y=None):
-    """x0 (B, C, H, W) in [-1, 1], with its draws t and eps (and its classes y, if any) -> scalar loss."""
+def loss_fn(model, sched, x0, t, eps, y=None, eps_in=None, min_snr=0.0):
+    """x0 (B, C, H, W) in [-1, 1], with its draws t and eps (and its classes y, if any) -> scalar loss.
+    Beyond the paper, off by default: x_t made with eps_in, and Min-SNR-gamma weights (docs/recipe.md)."""
     # [alg. 1, line 5, the loss] || eps - eps_theta(sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps, t) ||^2
-    eps_pred = model(q_sample(sched, x0, t, eps), t, y).float()  # fp32, also when the net runs in bf16
+    xt = q_sample(sched, x0, t, eps if eps_in is None else eps_in)
+    eps_pred = model(xt, t, y).float()  # fp32, also when the net runs in bf16
+    if min_snr:  # [min-snr] each image's error weighted by min(SNR_t, gamma) / SNR_t (1 where SNR_t <= gamma)
+        snr = (sched.alpha_bar / (1 - sched.alpha_bar))[t]  # SNR_t = alpha_bar_t / (1 - alpha_bar_t)
+        return ((snr.clamp(max=min_snr) / snr).float() * (eps_pred - eps).pow(2).mean((1, 2, 3))).mean()
     # [eq. 14] L_simple: the squared error, averaged over pixels and batch
     return F.mse_loss(eps_pred, eps)
 
@@ -317,9 +317,8 @@ def lr_at(step, cfg):
 
 def setup(cfg, device, rank=0, world=1, classes=(), bf16=False, micro_batch=0):
     """Everything a training step needs: the U-Net, its EMA copy, Adam, the schedule, the random generators.
-    rank, world: this process's place among torchrun's ranks (0 of 1 without it); classes: their names.
-    bf16: the network runs under bf16 autocast; micro_batch: images per forward and backward pass (0: all).
-    train() asks launch.py for both (bf16 where the device runs it natively; on a CPU, chunks in cache)."""
+    rank, world: this process's place among torchrun's ranks (0 of 1 without it); classes: their names; bf16:
+    bf16 autocast on; micro_batch: images per forward and backward pass (0: all); train() picks those two."""
     torch.manual_seed(cfg.seed)  # the initial weights, and dropout's masks
     s = SimpleNamespace(cfg=cfg, device=device, rank=rank, world=world, classes=list(classes),
                         sched=Schedule.from_config(cfg).to(device), micro_batch=micro_batch)
@@ -354,6 +353,10 @@ def train_step(s, x0, step, y=None):
     t = torch.randint(0, s.sched.T, (s.world * B,), generator=g, device=g.device)[mine]
     # [alg. 1, line 4] eps ~ N(0, I)
     eps = torch.randn((s.world * B, *x0.shape[1:]), generator=g, device=g.device)[mine]
+    # [input perturbation] beyond the paper, off by default: x_t made from eps + gamma eps', the target still
+    # eps; eps' is drawn only when on, so that default runs keep their bits
+    eps_in = eps + s.cfg.input_perturbation * torch.randn(
+        (s.world * B, *x0.shape[1:]), generator=g, device=g.device)[mine] if s.cfg.input_perturbation else eps
     if y is not None:
         # [guidance, drop] each class becomes "no class" (index num_classes) with probability cond_drop: one
         # network learns both the conditional and the unconditional model
@@ -370,7 +373,8 @@ def train_step(s, x0, step, y=None):
         with s.ddp.no_sync() if s.ddp and start + size < B else nullcontext():
             with s.autocast:
                 y_c = None if y is None else y[c]
-                part = loss_fn(s.net, s.sched, x0[c], t[c], eps[c], y_c) * (len(x0[c]) / B)  # its share
+                part = loss_fn(s.net, s.sched, x0[c], t[c], eps[c], y_c, eps_in[c], s.cfg.min_snr)
+                part = part * (len(x0[c]) / B)  # its share of the batch's mean
             part.backward()
         loss += part.detach()
     if s.cfg.grad_clip > 0:  # clip the gradient's norm, as the paper's code does
@@ -392,8 +396,7 @@ def train_step(s, x0, step, y=None):
 def train(cfg, resume=False):
     """Draw a batch, take a step, log; now and then a preview grid and a checkpoint. Under torchrun each
     process is one rank that takes its share of every batch, and DDP averages the gradients."""
-    # The device, rank and world size (and the process group) under torchrun, and the run folder, locked;
-    # UNet is built without memory first, to check that the run fits.
+    # The device, the ranks under torchrun, the run folder (locked), and a check that a UNet fits in memory.
     run = launch.start_run(cfg, resume, UNet)
     data, labels, classes = images.load(cfg, labels=True) if cfg.cond else (images.load(cfg), None, ())
     data, labels = data.to(run.device), labels if labels is None else labels.to(run.device)  # uint8 images
@@ -436,8 +439,8 @@ def predict_x0(sched, xt, t, eps_pred):
 @torch.no_grad()
 def p_sample(model, sched, xt, t, generator=None, var="beta", clip=True):
     """One step of Algorithm 2, x_{t-1} ~ p_theta(x_{t-1} | x_t), for a batch xt at one time index t (an int).
-    var: sigma_t^2 = beta_t ("beta") or beta_tilde_t ("beta_tilde"). clip=False is Algorithm 2 as printed;
-    clip=True, the default, clips x_0 as the paper's code does."""
+    var: sigma_t^2 = beta_t ("beta") or beta_tilde_t ("beta_tilde"). clip=False: Algorithm 2 as printed;
+    clip=True (default) clips x_0 as the paper's code does."""
     t_batch = torch.full((len(xt),), t, device=xt.device)
     beta, alpha, alpha_bar = at(sched.beta, t_batch), at(sched.alpha, t_batch), at(sched.alpha_bar, t_batch)
     eps_pred = model(xt, t_batch).float()  # fp32, also when the network runs in bf16
@@ -496,8 +499,7 @@ def timesteps(sched, steps, grid="uniform"):
     lam = 0.5 * (sched.alpha_bar / (1 - sched.alpha_bar)).log().cpu()  # falls as t grows
     ts = (lam.view(1, -1) - torch.linspace(lam[-1], lam[0], steps).view(-1, 1).double()).abs().argmin(1)
     # Where lambda is steep, several targets round to one index. Make them distinct, T-1 > ... > 0: with k
-    # the steps left after each, ts - k must lie in [0, T - steps] and not rise from one to the next (a
-    # running max).
+    # the steps left after each, ts - k must lie in [0, T - steps] and not rise from one to the next.
     k = torch.arange(steps - 1, -1, -1)
     return (ts - k).clamp(0, sched.T - steps).flip(0).cummax(0).values.flip(0) + k
 
@@ -517,10 +519,9 @@ def respace(model, sched, ts):
 @torch.no_grad()
 def ddim_sample(model, sched, shape, steps=50, eta=1.0, generator=None, device="cpu", keep=(),
                 grid="uniform"):
-    """DDIM (Song, Meng and Ermon 2021, arXiv:2010.02502, eq. 12) on `steps` of the T indices.
-    The same trained eps_theta serves: only the marginals q(x_t | x_0) of training matter, and
-    DDIM picks a non-Markovian process with those marginals that can skip steps. eta = 0 is
-    deterministic; eta = 1 with all steps is DDPM with sigma_t^2 = beta_tilde_t."""
+    """DDIM (Song, Meng and Ermon 2021, arXiv:2010.02502, eq. 12) on `steps` of the T indices. The same
+    eps_theta serves: only training's marginals q(x_t | x_0) matter; DDIM picks a non-Markovian process with
+    them that can skip steps. eta = 0 is deterministic; eta = 1 with all steps is DDPM with beta_tilde_t."""
     ts = timesteps(sched, steps, grid).tolist()
     x = torch.randn(shape, device=device, generator=generator)
     trajectory = {sched.T: x} if sched.T in keep else {}
@@ -561,9 +562,8 @@ def guided(model, y, w):
 
 
 def draw(model, sched, shape, sampler="ddpm", steps=None, eta=1.0, grid=None, generator=None, device="cpu"):
-    """x_0 from a sampler by name: "ddpm" (Algorithm 2, respaced when steps < T), "ddim", or "dpm++" and
-    "sde-dpm++" (solvers.py). Default steps: T for ddpm, else 50; default grid (timesteps): lambda for the
-    DPM-Solvers, else uniform."""
+    """x_0 from a sampler by name: "ddpm" (Algorithm 2, respaced when steps < T), "ddim", "dpm++", "sde-dpm++"
+    (solvers.py). Default steps: T for ddpm, else 50; default grid: lambda for DPM-Solvers, else uniform."""
     steps = steps or (sched.T if sampler == "ddpm" else min(50, sched.T))
     grid = grid or ("lambda" if "dpm++" in sampler else "uniform")
     if sampler == "ddpm":
@@ -605,6 +605,8 @@ class Config:
     warmup: int = 200               # steps of linear learning-rate warm-up
     steps: int = 2000               # training steps in all (a resumed run continues up to this)
     grad_clip: float = 1.0          # clip the gradient's global norm to this (0: off)
+    min_snr: float = 0.0            # beyond the paper: Min-SNR-gamma's gamma (Hang et al. 2023: 5; 0: off)
+    input_perturbation: float = 0.0 # beyond the paper: DDPM-IP's gamma (Ning et al. 2023: 0.1; 0: off)
     ema_decay: float = 0.995        # decay of the exponential moving average of the weights
     seed: int = 0                   # seed for data, noise and weights
     out_dir: str = ""               # run folder; default runs/<preset>
@@ -617,11 +619,11 @@ class Config:
     keep_ckpts: bool = False        # also keep every checkpoint as ckpt_step<N>.pt
 
 
-PRESETS = {
-    "tiny": {},
-    # The seed notebook: Stanford Cars at 64x64, T = 512, channel multipliers (1, 2, 1, 1), attention
-    # at 16 and 8, Adam 6e-4 with warm-up then cosine decay, batch 100; 10.7M parameters (the seed's own
-    # U-Net had 9.1M in another layout).
+PRESETS = {  # tiny: the defaults above with the batch and learning rate ablate.py chose (docs/recipe.md)
+    "tiny": dict(batch_size=32, lr=2e-3, steps=4000, warmup=400, sample_every=1000, ckpt_every=1000,
+                 log_every=100),
+    # The seed notebook: Stanford Cars at 64x64, T = 512, channels x (1, 2, 1, 1), attention at 16 and 8, Adam
+    # 6e-4, warm-up then cosine decay, batch 100; 10.7M parameters (the seed's U-Net: 9.1M, another layout).
     "cars64": dict(data="cars", image_size=64, T=512, ch=96, ch_mult=(1, 2, 1, 1), num_res_blocks=2,
                    attn_res=(16, 8), batch_size=100, lr=6e-4, warmup=1000, steps=100_000,
                    ema_decay=0.9995, sample_every=5000, ckpt_every=5000, log_every=100),
@@ -640,9 +642,8 @@ def make_config(preset="tiny", **overrides):
 
 
 def preview(s, path):
-    """The training loop's preview: 64 samples of DDIM (50 steps, eta = 1) from the EMA weights, from the
-    same starting noise every time, so that the grids of a run show one set of images getting better.
-    A class-conditional model draws rows of its classes, guided with w = 1."""
+    """The training loop's preview: 64 samples of DDIM (50 steps, eta = 1) from the EMA weights, from the same
+    noise every time, so a run's grids show one set of images getting better; with classes, guided, w = 1."""
     shape, g = (64, 3, s.cfg.image_size, s.cfg.image_size), torch.Generator(s.device).manual_seed(s.cfg.seed)
     net = guided(s.ema, torch.arange(64, device=s.device) * len(s.classes) // 64, 1.0) if s.classes else s.ema
     with s.autocast:
@@ -687,7 +688,7 @@ def sample(args):
 
 
 def main(argv=None):
-    args = launch.parse_args(Config, __doc__.split("\n\n")[1], argv)  # --help: the 2nd paragraph above
+    args = launch.parse_args(make_config("tiny"), __doc__.split("\n\n")[1], argv)  # --help: 2nd paragraph
     with checks.user_errors(launch.KEPT[args.command]):  # bad input: one paragraph, exit code 2, no traceback
         if args.command == "train":
             train(launch.resolve_config(Config, make_config, args.given, args.resume), args.resume)

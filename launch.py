@@ -208,6 +208,10 @@ HELP = {  # what each Config field of ddpm.py means, for `python ddpm.py train -
     "steps": "training steps in all (a resumed run continues up to this)",
     "grad_clip": "clip the gradient's global norm to this (0: off)",
     "ema_decay": "decay of the exponential moving average of the weights",
+    "min_snr": "beyond the paper: Min-SNR-gamma loss weights min(SNR_t, gamma) / SNR_t (Hang et al. 2023 use 5; "
+               "0: off, the paper's L_simple). See docs/recipe.md",
+    "input_perturbation": "beyond the paper: DDPM-IP's gamma, x_t made with eps + gamma eps' while the target stays "
+                          "eps (Ning et al. 2023 use 0.1; 0: off). See docs/recipe.md",
     "seed": "seed for data, noise and weights",
     "out_dir": "run folder for checkpoints, samples and the loss log; default runs/<preset>",
     "device": "auto (cuda, then mps, then cpu), cuda, mps or cpu",
@@ -220,8 +224,9 @@ HELP = {  # what each Config field of ddpm.py means, for `python ddpm.py train -
 }
 
 
-def parse_args(Config, description, argv=None):
-    """The arguments of `python ddpm.py train|sample`; train's flags are built from the Config dataclass."""
+def parse_args(tiny, description, argv=None):
+    """The arguments of `python ddpm.py train|sample`; train's flags are built from the fields of tiny, the tiny
+    preset's Config, whose values --help shows as the defaults."""
     p = Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="python ddpm.py train --help and python ddpm.py sample --help list every flag. "
                                        "Evaluation and the pictures of the docs are commands of their own: "
@@ -230,8 +235,9 @@ def parse_args(Config, description, argv=None):
     t = sub.add_parser("train", help="train a model (Algorithm 1); writes runs/<preset>/",
                        description="Train eps_theta on --data. Flags override the --preset; defaults shown are the tiny preset's.",
                        argument_default=argparse.SUPPRESS)
-    for f in fields(Config):
-        shown = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
+    for f in fields(tiny):
+        value = getattr(tiny, f.name)
+        shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
         flag, kw = "--" + f.name.replace("_", "-"), dict(help=f"{HELP[f.name]} (default: {shown})")
         if isinstance(f.default, bool):
             t.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
@@ -255,7 +261,7 @@ def parse_args(Config, description, argv=None):
     s.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
     args = p.parse_args(argv)
     if args.command == "train":
-        args.given = {f.name: getattr(args, f.name) for f in fields(Config) if hasattr(args, f.name)}
+        args.given = {f.name: getattr(args, f.name) for f in fields(tiny) if hasattr(args, f.name)}
     return args
 
 

@@ -133,3 +133,32 @@ def test_a_tiny_batch_can_be_overfit():
         optimizer.step()
         losses.append(loss.item())
     assert losses[0] > 0.9 and losses[-1] < 0.1 * losses[0]
+
+
+# Beyond the paper: the two training options of docs/recipe.md, each checked against its definition.
+
+def test_min_snr_weights_each_image_by_min_snr_gamma_over_snr():
+    # With eps_pred = 0 (the zero output conv), each image's squared error is mean(eps^2); Min-SNR-gamma
+    # (Hang et al. 2023) weights it by min(SNR_t, gamma) / SNR_t, SNR_t = alpha_bar_t / (1 - alpha_bar_t).
+    model, sched = ddpm.UNet(small_config(T=1000)), ddpm.Schedule(ddpm.linear_beta(1000))
+    x0, t = torch.zeros(3, 3, 16, 16), torch.tensor([0, 99, 999])
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    snr = ALPHA_BAR[t.numpy()] / (1 - ALPHA_BAR[t.numpy()])
+    errors = eps.pow(2).mean((1, 2, 3)).double().numpy()
+    expected = np.mean(np.minimum(snr, 5) / snr * errors)
+    assert ddpm.loss_fn(model, sched, x0, t, eps, min_snr=5).item() == pytest.approx(expected, rel=1e-5)
+    assert snr[0] == pytest.approx(9999, rel=1e-6) and snr[2] < 5  # t = 1 weighted 5/9999; t = T by one
+    assert (ALPHA_BAR / (1 - ALPHA_BAR) > 5).sum() == 130  # gamma = 5 moves only the lowest 13% of t
+
+
+def test_input_perturbation_noises_x_t_with_eps_plus_gamma_eps_prime_and_keeps_the_target():
+    # DDPM-IP (Ning et al. 2023): x_t = sqrt(alpha_bar) x_0 + sqrt(1 - alpha_bar) (eps + gamma eps'), target eps.
+    # A "network" that returns its input shows the x_t it was given.
+    sched, gamma = ddpm.Schedule(ddpm.linear_beta(1000)), 0.1
+    g = torch.Generator().manual_seed(0)
+    x0, t = torch.rand(2, 3, 4, 4) * 2 - 1, torch.tensor([10, 500])
+    eps, eps_prime = torch.randn(x0.shape, generator=g), torch.randn(x0.shape, generator=g)
+    a = torch.from_numpy(ALPHA_BAR[t.numpy()]).float().view(-1, 1, 1, 1)
+    xt = a.sqrt() * x0 + (1 - a).sqrt() * (eps + gamma * eps_prime)
+    loss = ddpm.loss_fn(lambda x, t, y: x, sched, x0, t, eps, eps_in=eps + gamma * eps_prime)
+    assert loss.item() == pytest.approx((xt - eps).pow(2).mean().item(), rel=1e-5)

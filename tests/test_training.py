@@ -93,3 +93,19 @@ def test_the_same_run_logs_the_same_losses_as_before_the_split(tmp_path):
     now, before = read(tmp_path / "run" / "log.csv"), read(os.path.join(FIXTURES, "run30_fp32_loss.csv"))
     assert [s for s, _ in now] == [s for s, _ in before] == list(range(2, 31, 2))
     assert max(abs(a - b) for (_, a), (_, b) in zip(now, before)) < 2e-4
+
+
+def test_the_options_beyond_the_paper_leave_default_runs_bit_for_bit_and_draw_only_when_on():
+    # min_snr and input_perturbation at 0 are the paper's step; input perturbation draws its eps' from the
+    # noise stream after t and eps, so a default run's draws, losses and weights do not move.
+    x0 = ddpm.get_batch(images.toycars(8, 16), torch.arange(8), torch.zeros(8, dtype=torch.bool))
+    runs = {}
+    for name, changes in (("default", {}), ("zeros", dict(min_snr=0.0, input_perturbation=0.0)),
+                          ("ip", dict(input_perturbation=0.1)), ("snr", dict(min_snr=5.0))):
+        s = ddpm.setup(small_cfg(batch_size=8, precision="fp32", **changes), torch.device("cpu"), micro_batch=8)
+        loss = ddpm.train_step(s, x0, 1)
+        runs[name] = (loss, s.noise_generator.get_state(), [p.detach().clone() for p in s.model.parameters()])
+    assert torch.equal(runs["default"][0], runs["zeros"][0]) and torch.equal(runs["default"][1], runs["zeros"][1])
+    assert all(torch.equal(a, b) for a, b in zip(runs["default"][2], runs["zeros"][2]))
+    assert not torch.equal(runs["default"][1], runs["ip"][1])  # eps' was drawn
+    assert torch.equal(runs["default"][1], runs["snr"][1]) and runs["snr"][0] < runs["default"][0]  # weights <= 1
