@@ -1,5 +1,7 @@
 """ablate.py: variants at equal training FLOPs, their table, and its flags."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -14,7 +16,8 @@ def test_every_variant_trains_at_the_default_runs_training_flops(tmp_path):
     for name in ablate.VARIANTS:
         cfg, flops = ablate.variant_config(name, 0.25, str(tmp_path), torch.device("cpu"))
         assert flops * cfg.batch_size * cfg.steps == pytest.approx(0.25 * budget, rel=0.01), name
-        assert cfg.warmup == max(1, round(ablate.ddpm.make_config("tiny", **ablate.VARIANTS[name]).warmup * cfg.steps / 2000))
+        changed = ablate.ddpm.make_config("tiny", **{**ablate.BASE, **ablate.VARIANTS[name]})
+        assert cfg.warmup == max(1, round(changed.warmup * cfg.steps / 2000))
     wide, _ = ablate.variant_config("ch64", 1.0, str(tmp_path), torch.device("cpu"))
     small_batch, _ = ablate.variant_config("batch32", 1.0, str(tmp_path), torch.device("cpu"))
     assert wide.steps < 1000 and small_batch.steps == 4000  # a wider net trains fewer steps, a smaller batch more
@@ -27,7 +30,7 @@ def test_the_table_ranks_by_fid_and_shows_the_seeds_spread():
                  fid_ode=90.0, train_s=None)]
     lines = ablate.table(rows).splitlines()
     assert lines[2].startswith("| ch48 | ch 48 | 1 | 900 |") and "resumed" in lines[2]
-    assert lines[3].startswith("| default | the tiny preset |") and "30.0 ± 1.4" in lines[3] and "10.0 min" in lines[3]
+    assert lines[3].startswith("| default | none (the tiny preset before the study) |") and "30.0 ± 1.4" in lines[3] and "10.0 min" in lines[3]
 
 
 @pytest.mark.parametrize("argv, words", [(["--budget", "0"], ["--budget 0"]), (["--n", "1"], ["--n 1", "covariance"]),
@@ -35,3 +38,38 @@ def test_the_table_ranks_by_fid_and_shows_the_seeds_spread():
 def test_bad_flags_are_refused(tmp_path, argv, words, monkeypatch, capsys):
     monkeypatch.setitem(__import__("test_hostile").MAINS, "ablate.py", ablate.main)
     refused(*run(["ablate.py", *argv], tmp_path, monkeypatch, capsys), *words)
+
+
+def test_the_tiny_preset_is_the_variant_the_study_chose():
+    # PRESETS["tiny"] is BASE with the chosen variant's changes, at the full budget: the same training, field for
+    # field, except where the run writes its files and how often it logs, previews and saves.
+    chosen, _ = ablate.variant_config(ablate.CHOSEN, 1.0, "runs", torch.device("cpu"))
+    tiny = ablate.ddpm.make_config("tiny")
+    skip = {"out_dir", "device", "log_every", "sample_every", "ckpt_every"}
+    for field in dataclasses.fields(tiny):
+        if field.name not in skip:
+            assert getattr(tiny, field.name) == getattr(chosen, field.name), field.name
+
+
+def test_crops_of_photographs_are_written_reproducibly(tmp_path):
+    from PIL import Image
+    (tmp_path / "photos").mkdir()
+    Image.radial_gradient("L").convert("RGB").resize((300, 200)).save(tmp_path / "photos" / "a.png")
+    for name in ("one", "two"):
+        ablate.make_crops(str(tmp_path / "photos"), str(tmp_path / name), 5, size=16)
+    written = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert written == [f"{i:05d}.png" for i in range(5)]
+    for p in written:
+        one, two = Image.open(tmp_path / "one" / p), Image.open(tmp_path / "two" / p)
+        assert one.size == (16, 16) and one.tobytes() == two.tobytes()
+    assert len({Image.open(tmp_path / "one" / p).tobytes() for p in written}) == 5  # five different crops
+
+
+def test_results_on_photographs_are_kept_apart_from_the_toy_cars(tmp_path):
+    args = ablate.argparse.Namespace(budget=0.5, data=str(tmp_path / "photo_crops"))
+    assert ablate.result_name("default", args) == "default_b0.5_photo_crops.json"
+    row = dict(variant="default", changes={}, budget=0.5, steps=1000, params_M=1.1, fid=30.0, fid_seeds=[30.0],
+               fid_ode=100.0, train_s=60.0)
+    ablate.files.write_json(row, str(tmp_path / "default_b0.5.json"))
+    ablate.files.write_json({**row, "data": args.data}, str(tmp_path / "default_b0.5_photo_crops.json"))
+    assert len(ablate.load_results(str(tmp_path))) == 1 and len(ablate.load_results(str(tmp_path), data=args.data)) == 1
