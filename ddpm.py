@@ -353,10 +353,10 @@ def train_step(s, x0, step, y=None):
     t = torch.randint(0, s.sched.T, (s.world * B,), generator=g, device=g.device)[mine]
     # [alg. 1, line 4] eps ~ N(0, I)
     eps = torch.randn((s.world * B, *x0.shape[1:]), generator=g, device=g.device)[mine]
-    # [input perturbation] beyond the paper, off by default: x_t made from eps + gamma eps', the target still
-    # eps; eps' is drawn only when on, so that default runs keep their bits
-    eps_in = eps + s.cfg.input_perturbation * torch.randn(
-        (s.world * B, *x0.shape[1:]), generator=g, device=g.device)[mine] if s.cfg.input_perturbation else eps
+    eps_in = eps  # what x_t is made from: eps, as in the paper; the target stays eps in any case
+    if s.cfg.input_perturbation:  # [input perturbation] beyond the paper: x_t from eps + gamma eps'
+        eps_prime = torch.randn((s.world * B, *x0.shape[1:]), generator=g, device=g.device)[mine]
+        eps_in = eps + s.cfg.input_perturbation * eps_prime
     if y is not None:
         # [guidance, drop] each class becomes "no class" (index num_classes) with probability cond_drop: one
         # network learns both the conditional and the unconditional model
@@ -619,7 +619,7 @@ class Config:
     keep_ckpts: bool = False        # also keep every checkpoint as ckpt_step<N>.pt
 
 
-PRESETS = {  # tiny: the defaults above with the batch and learning rate ablate.py chose (docs/recipe.md)
+PRESETS = {  # tiny: the defaults above with the batch, steps and learning rate of docs/recipe.md
     "tiny": dict(batch_size=32, lr=2e-3, steps=4000, warmup=400, sample_every=1000, ckpt_every=1000,
                  log_every=100),
     # The seed notebook: Stanford Cars at 64x64, T = 512, channels x (1, 2, 1, 1), attention at 16 and 8, Adam

@@ -63,6 +63,10 @@ def test_crops_of_photographs_are_written_reproducibly(tmp_path):
         one, two = Image.open(tmp_path / "one" / p), Image.open(tmp_path / "two" / p)
         assert one.size == (16, 16) and one.tobytes() == two.tobytes()
     assert len({Image.open(tmp_path / "one" / p).tobytes() for p in written}) == 5  # five different crops
+    (tmp_path / "solid").mkdir()  # a crop that ran past the photo's edge would bring in black
+    Image.new("RGB", (300, 200), (200, 50, 50)).save(tmp_path / "solid" / "b.png")
+    ablate.make_crops(str(tmp_path / "solid"), str(tmp_path / "three"), 20, size=16)
+    assert all(set(Image.open(p).getdata()) == {(200, 50, 50)} for p in (tmp_path / "three").iterdir())
 
 
 def test_results_on_photographs_are_kept_apart_from_the_toy_cars(tmp_path):
