@@ -5,7 +5,6 @@ Most cases run the commands' main() in this process (a traceback would surface h
 than SystemExit); the ones about processes (locks, kill -9, Ctrl-C) run them as a user would."""
 
 import hashlib, json, os, shutil, signal, subprocess, sys, time
-from types import SimpleNamespace
 
 import pytest
 import torch
