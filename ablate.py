@@ -132,9 +132,22 @@ def result_name(name, args):
 def make_crops(source, folder, n, size=32, seed=0):
     """n square crops of the photographs in source, each of a random side from 48 pixels to the photo's shorter
     side at a random place, resized to size x size and written to folder as PNG: many small photographs from few."""
-    photos = [Image.open(p).convert("RGB") for p in images.find_images(source)]
+    if folder == "toycars":
+        raise checks.UserError("--make-crops needs --data FOLDER, the folder to write the crops to.")
+    if not os.path.isdir(source):
+        raise checks.UserError(f"--make-crops {source}: no such folder. Point it at a folder of photographs.")
+    photos = []
+    for p in images.find_images(source):
+        try:
+            with Image.open(p) as photo:
+                photos.append(photo.convert("RGB"))
+        except (OSError, ValueError) as e:
+            raise checks.UserError(f"--make-crops {source}: cannot read {p} ({e}). Remove it, or point "
+                                   f"--make-crops at another folder.") from None
+    photos = [p for p in photos if min(p.size) >= 48]  # the smallest crop's side
     if not photos:
-        raise checks.UserError(f"--make-crops {source}: no photographs (.jpg, .jpeg, .png) there.")
+        raise checks.UserError(f"--make-crops {source}: no photographs (.jpg, .jpeg, .png) of 48 pixels or more "
+                               f"on their shorter side there.")
     files.writable_dir(folder, "--data")
     g = torch.Generator().manual_seed(seed)
     for i in range(n):

@@ -34,6 +34,8 @@ def test_the_table_ranks_by_fid_and_shows_the_seeds_spread():
 
 
 @pytest.mark.parametrize("argv, words", [(["--budget", "0"], ["--budget 0"]), (["--n", "1"], ["--n 1", "covariance"]),
+                                         (["--make-crops", "."], ["--data FOLDER"]),
+                                         (["--make-crops", "nowhere", "--data", "crops"], ["--make-crops nowhere"]),
                                          (["--only", "huge"], ["--only huge", "ch48"]), (["--seeds", "0"], ["--seeds 0"])])
 def test_bad_flags_are_refused(tmp_path, argv, words, monkeypatch, capsys):
     monkeypatch.setitem(__import__("test_hostile").MAINS, "ablate.py", ablate.main)
