@@ -113,7 +113,7 @@ def table(results):
              "|---|---|---|---|---|---|---|---|"]
     for r in sorted(results, key=lambda r: (-r["budget"], r["fid"])):
         spread = f" ± {statistics.stdev(r['fid_seeds']):.1f}" if len(r["fid_seeds"]) > 1 else ""
-        changes = ", ".join(f"{k} {','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in r["changes"].items())
+        changes = ", ".join(f"{k} {(','.join(map(str, v)) or 'none') if isinstance(v, list) else v}" for k, v in r["changes"].items())
         seconds = f"{r['train_s'] / 60:.1f} min" if r["train_s"] else "resumed"
         lines.append(f"| {r['variant']} | {changes or 'none (the tiny preset before the study)'} | {r['budget']:g} | {r['steps']} | {r['params_M']} | "
                      f"{r['fid']:.1f}{spread} | {r['fid_ode']:.1f} | {seconds} |")

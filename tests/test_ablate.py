@@ -1,6 +1,7 @@
 """ablate.py: variants at equal training FLOPs, their table, and its flags."""
 
 import dataclasses
+import os
 
 import pytest
 import torch
@@ -79,3 +80,22 @@ def test_results_on_photographs_are_kept_apart_from_the_toy_cars(tmp_path):
     ablate.files.write_json(row, str(tmp_path / "default_b0.5.json"))
     ablate.files.write_json({**row, "data": args.data}, str(tmp_path / "default_b0.5_photo_crops.json"))
     assert len(ablate.load_results(str(tmp_path))) == 1 and len(ablate.load_results(str(tmp_path), data=args.data)) == 1
+
+
+def test_every_row_of_the_recipe_page_is_a_committed_result():
+    """docs/recipe.md's tables are pasted from python ablate.py --table: each row's numbers must be those of its
+    result file in results/ablate/ (toy cars or the photographs' crops), so that no number drifts from its file."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cells = lambda line: [c.strip() for c in line.strip().strip("|").split("|")]
+    measured = {}
+    for data in ("toycars", "data/photo_crops"):
+        for line in ablate.table(ablate.load_results(os.path.join(root, "results", "ablate"), data=data)).splitlines()[2:]:
+            row = cells(line)
+            measured.setdefault((row[0], row[2]), []).append(row[2:])
+    with open(os.path.join(root, "docs", "recipe.src.md"), encoding="utf-8") as f:
+        rows = [cells(line) for line in f if line.split("|")[1:2] and line.split("|")[1].split()[:1] and
+                line.split("|")[1].split()[0] in ablate.VARIANTS]
+    assert len(rows) >= 19 + 2 + 2  # the screen, the full budget, the photographs
+    for row in rows:
+        name = row[0].split()[0]
+        assert row[2:] in measured.get((name, row[2]), []), f"recipe row of {name} at budget {row[2]}: {row[2:]}"
