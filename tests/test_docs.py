@@ -112,3 +112,22 @@ def test_the_right_lines_the_mistakes_chapter_quotes_are_in_the_code():
     assert len(quoted) >= 8
     for line in quoted:
         assert any(line in text for text in code), line
+
+
+def test_the_samplers_tables_are_the_committed_sweep_results():
+    """docs/samplers.md's two tables are python sweep.py --table of results/sweep/ (the current preset's run) and
+    results/sweep-c0d4eca/ (the old preset's), with the samplers' names written out and some cells in bold."""
+    sys.path.insert(0, HERE)
+    import sweep
+    names = {"Algorithm 2 (respaced below 1000)": "ddpm", "DDIM, eta = 0": "ddim-eta0", "DDIM, eta = 1": "ddim-eta1",
+             "DPM-Solver++(2M), log-SNR grid": "dpm++", "DPM-Solver++(2M), grid even in t": "dpm++-uniform",
+             "SDE-DPM-Solver++(2M), log-SNR grid": "sde-dpm++"}
+    with open(os.path.join(HERE, "docs", "samplers.src.md"), encoding="utf-8") as f:
+        rows = [[c.strip().replace("**", "") for c in line.strip().strip("|").split("|")] for line in f
+                if line.split("|")[1:2] and line.split("|")[1].strip() in names]
+    tables = [[[c.strip() for c in line.strip().strip("|").split("|")] for line in
+               sweep.table(sweep.load_results(os.path.join(HERE, "results", folder))).splitlines()[2:]]
+              for folder in ("sweep", "sweep-c0d4eca")]
+    assert len(rows) == len(tables[0]) + len(tables[1]) == 11
+    for row, want in zip(rows, tables[0] + tables[1]):
+        assert [names[row[0]]] + row[1:] == want, row[0]
